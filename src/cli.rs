@@ -1,0 +1,59 @@
+//! The command line (clap). Every command takes `-c/--config`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "credproxy",
+    version,
+    about = "Keeps OAuth access tokens fresh and injects them into API calls that pass through it",
+    long_about = "credproxy keeps each integration's OAuth access token fresh with the refresh_token \
+grant, persisting rotated refresh tokens, and injects `Authorization: Bearer` into requests \
+that programs send through it (HTTPS_PROXY=http://127.0.0.1:8080).\n\n\
+First steps:\n  credproxy check            refresh every integration once and report\n  \
+credproxy token NAME       print NAME's access token for a script\n  \
+credproxy ca init          create the local CA that clients must trust",
+    after_help = "Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad config."
+)]
+pub struct Cli {
+    /// Config file (TOML).
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "CREDPROXY_CONFIG",
+        default_value = "config/credproxy.toml"
+    )]
+    pub config: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate the config, refresh every integration once (persisting any rotated
+    /// refresh token) and print one line per integration; exit 0 only if all succeeded.
+    Check,
+    /// Print NAME's current access token on stdout, refreshing first if it is
+    /// missing or about to expire. For scripts:
+    /// curl -H "Authorization: Bearer $(credproxy token NAME)" …
+    Token {
+        /// The integration, as named in [integrations.NAME].
+        name: String,
+    },
+    /// Manage the local certificate authority that clients trust.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create the local CA (certificate + key) if missing; print the certificate's path.
+    Init,
+    /// Write ca-bundle.pem beside the CA certificate: the system's trusted roots plus
+    /// the local CA, for SSL_CERT_FILE, REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE.
+    Bundle,
+}

@@ -1,0 +1,110 @@
+//! The one-shot commands: `check`, `token`, `ca init`, `ca bundle`. They return
+//! what to print; `main` prints it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use crate::config::Config;
+use crate::error::{self, Error};
+use crate::oauth::OAuthClient;
+use crate::secret::Secret;
+use crate::state::FileStore;
+use crate::tokens::{Reason, Tokens};
+use crate::{ca, tokens};
+
+/// Opens the state store and builds the token store of `config`.
+pub fn open_tokens(config: &Config) -> Result<Tokens, Error> {
+    let store = Arc::new(FileStore::open(&config.state.path)?);
+    let client = OAuthClient::new(&config.upstream)?;
+    Ok(Tokens::new(config, store, client)?)
+}
+
+/// The outcome of `check`: one line per integration, and whether all succeeded.
+pub struct CheckReport {
+    pub lines: Vec<String>,
+    pub all_ok: bool,
+}
+
+/// Refreshes every integration once, concurrently.
+pub async fn check(config: &Config) -> Result<CheckReport, Error> {
+    let tokens = open_tokens(config)?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, integration) in tokens.iter().enumerate() {
+        let integration = integration.clone();
+        tasks.spawn(async move { (index, integration.refresh(Reason::Always).await) });
+    }
+    let mut results = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        results.push(joined.map_err(|e| Error::Failed(format!("check task failed: {e}")))?);
+    }
+    results.sort_by_key(|(index, _)| *index);
+    let mut all_ok = true;
+    let lines = results
+        .into_iter()
+        .zip(tokens.iter())
+        .map(|((_, outcome), integration)| {
+            let name = integration.name();
+            match outcome {
+                Ok(snapshot) => format!(
+                    "{name}: ok, expires in {}",
+                    human_duration(snapshot.expires_at - OffsetDateTime::now_utc())
+                ),
+                Err(err) => {
+                    all_ok = false;
+                    let text = error::chain(&err);
+                    let reason = text.strip_prefix(&format!("{name}: ")).unwrap_or(&text);
+                    format!("{name}: error: {reason}")
+                }
+            }
+        })
+        .collect();
+    Ok(CheckReport { lines, all_ok })
+}
+
+/// NAME's access token, refreshed first if missing or about to expire.
+pub async fn token(config: &Config, name: &str) -> Result<Secret, Error> {
+    let tokens = open_tokens(config)?;
+    let integration = tokens.get(name).ok_or_else(|| {
+        Error::Usage(format!(
+            "{}: no integration named {name:?} (configured: {})",
+            config.source.display(),
+            config
+                .integrations
+                .iter()
+                .map(|i| i.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })?;
+    let snapshot =
+        tokio::time::timeout(tokens::ON_DEMAND_WAIT * 6, integration.refresh(Reason::Due))
+            .await
+            .map_err(|_| Error::Failed(format!("{name}: the refresh did not finish in time")))??;
+    Ok(snapshot.access_token.clone())
+}
+
+/// Creates the CA if missing. Returns the certificate's path and whether it was created.
+pub fn ca_init(config: &Config) -> Result<(PathBuf, bool), Error> {
+    let (ca, created) = ca::load_or_create(&config.ca)?;
+    Ok((ca.cert_path, created))
+}
+
+/// Writes the CA bundle (creating the CA if missing). Returns the bundle's path.
+pub fn ca_bundle(config: &Config) -> Result<PathBuf, Error> {
+    let (ca, _) = ca::load_or_create(&config.ca)?;
+    Ok(ca::write_bundle(&ca)?)
+}
+
+/// "1h2m3s" style, for humans.
+pub fn human_duration(duration: time::Duration) -> String {
+    let total = Duration::try_from(duration).unwrap_or_default().as_secs();
+    let (hours, minutes, seconds) = (total / 3600, total / 60 % 60, total % 60);
+    match (hours, minutes) {
+        (0, 0) => format!("{seconds}s"),
+        (0, _) => format!("{minutes}m{seconds:02}s"),
+        _ => format!("{hours}h{minutes:02}m{seconds:02}s"),
+    }
+}

@@ -1,0 +1,308 @@
+//! The state store: each integration's refresh token (the one that must never be
+//! lost), its current access token and expiry, and the fingerprint of the config
+//! refresh token the chain was seeded from.
+//!
+//! The embedded default is a JSON file, mode 0600, only ever replaced atomically
+//! (temp file, fsync, rename, directory fsync). A per-integration lock file,
+//! held across the token exchange, makes refreshes single-flight across
+//! processes that share the file. A shared database store for many replicas can
+//! implement [`StateStore`] later.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+use crate::secret::Secret;
+
+const FORMAT_VERSION: u32 = 1;
+
+/// One integration's persisted tokens.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    pub refresh_token: Secret,
+    pub access_token: Option<Secret>,
+    pub token_type: Option<String>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+    /// `fingerprint()` of the config refresh token this chain started from;
+    /// None when it came from `credproxy authorize`.
+    pub seed_fingerprint: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateFile {
+    version: u32,
+    integrations: BTreeMap<String, Entry>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{}: cannot read state file", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{}: state file is corrupt ({detail}); it was left untouched because it may hold the only valid refresh token — repair it or move it away",
+        path.display()
+    )]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("{}: cannot write state file", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{}: cannot take lock", path.display())]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Held while one process refreshes one integration; dropping it releases the lock.
+pub struct StateLock {
+    _held: Box<dyn Send>,
+}
+
+/// Where tokens persist. Methods block (file or network I/O): call them from
+/// `spawn_blocking`.
+pub trait StateStore: Send + Sync + 'static {
+    fn load(&self, integration: &str) -> Result<Option<Entry>, StateError>;
+    /// Exclusive across processes; waits for a holder to finish.
+    fn lock(&self, integration: &str) -> Result<StateLock, StateError>;
+    fn save(&self, integration: &str, entry: &Entry) -> Result<(), StateError>;
+}
+
+/// A hash of a config refresh token, to notice when the config's token changed
+/// without keeping the token itself anywhere but in the config.
+pub fn fingerprint(refresh_token: &Secret) -> String {
+    let digest = Sha256::digest(format!("credproxy-seed-v1:{}", refresh_token.expose()));
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+// === impl FileStore ===
+
+pub struct FileStore {
+    path: PathBuf,
+}
+
+impl FileStore {
+    /// Opens the store at `path`, reading it once so a corrupt or unreadable file
+    /// is an error at start rather than at the first refresh.
+    pub fn open(path: &Path) -> Result<Self, StateError> {
+        let store = Self {
+            path: path.to_owned(),
+        };
+        store.read()?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn read(&self) -> Result<StateFile, StateError> {
+        let bytes = match fs::read(&self.path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(StateFile::default()),
+            Err(source) => {
+                return Err(StateError::Read {
+                    path: self.path.clone(),
+                    source,
+                });
+            }
+        };
+        let corrupt = |detail: String| StateError::Corrupt {
+            path: self.path.clone(),
+            detail,
+        };
+        // serde_json's messages can quote the offending value, which may be a
+        // token: report only the kind of error and where it is.
+        let file: StateFile = serde_json::from_slice(&bytes).map_err(|e| {
+            corrupt(format!(
+                "{} at line {}, column {}",
+                match e.classify() {
+                    serde_json::error::Category::Eof => "unexpected end of file",
+                    serde_json::error::Category::Syntax => "invalid JSON",
+                    _ => "unexpected content",
+                },
+                e.line(),
+                e.column()
+            ))
+        })?;
+        if file.version != FORMAT_VERSION {
+            return Err(corrupt(format!("unknown format version {}", file.version)));
+        }
+        Ok(file)
+    }
+
+    fn dir(&self) -> &Path {
+        match self.path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        }
+    }
+
+    fn lock_file(&self, suffix: &str) -> Result<StateLock, StateError> {
+        let mut name = self.path.as_os_str().to_owned();
+        name.push(suffix);
+        let path = PathBuf::from(name);
+        let lock_err = |source| StateError::Lock {
+            path: path.clone(),
+            source,
+        };
+        create_private_dir(self.dir()).map_err(lock_err)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(lock_err)?;
+        // flock(2): released by the kernel if this process dies, so a crash
+        // never leaves the integration locked.
+        file.lock().map_err(lock_err)?;
+        Ok(StateLock {
+            _held: Box::new(file),
+        })
+    }
+
+    fn write_atomically(&self, state: &StateFile) -> Result<(), StateError> {
+        let write_err = |source| StateError::Write {
+            path: self.path.clone(),
+            source,
+        };
+        let dir = self.dir();
+        create_private_dir(dir).map_err(write_err)?;
+        let mut tmp_name = self.path.as_os_str().to_owned();
+        tmp_name.push(format!(".tmp.{}", std::process::id()));
+        let tmp = PathBuf::from(tmp_name);
+        let json = serde_json::to_vec_pretty(state).map_err(|e| write_err(io::Error::other(e)))?;
+        let result = (|| {
+            let mut file = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            // The mode above only applies when the file is created.
+            file.set_permissions(fs::Permissions::from_mode(0o600))?;
+            file.write_all(&json)?;
+            file.sync_all()?;
+            fs::rename(&tmp, &self.path)?;
+            File::open(dir)?.sync_all()
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map_err(write_err)
+    }
+}
+
+impl StateStore for FileStore {
+    fn load(&self, integration: &str) -> Result<Option<Entry>, StateError> {
+        Ok(self.read()?.integrations.remove(integration))
+    }
+
+    fn lock(&self, integration: &str) -> Result<StateLock, StateError> {
+        self.lock_file(&format!(".{integration}.lock"))
+    }
+
+    fn save(&self, integration: &str, entry: &Entry) -> Result<(), StateError> {
+        // Other integrations' refreshes (this process or another) write the same
+        // file: serialize read-modify-write with a file-wide lock.
+        let _guard = self.lock_file(".lock")?;
+        let mut state = self.read()?;
+        state.version = FORMAT_VERSION;
+        state
+            .integrations
+            .insert(integration.to_owned(), entry.clone());
+        self.write_atomically(&state)
+    }
+}
+
+fn create_private_dir(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn entry(refresh: &str) -> Entry {
+        Entry {
+            refresh_token: Secret::new(refresh),
+            access_token: Some(Secret::new("at")),
+            token_type: Some("bearer".into()),
+            expires_at: Some(OffsetDateTime::UNIX_EPOCH),
+            seed_fingerprint: None,
+            updated_at: OffsetDateTime::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn save_keeps_other_integrations_and_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state/tokens.json");
+        let store = FileStore::open(&path).unwrap();
+        store.save("a", &entry("rt-a")).unwrap();
+        store.save("b", &entry("rt-b")).unwrap();
+        assert_eq!(
+            store.load("a").unwrap().unwrap().refresh_token.expose(),
+            "rt-a"
+        );
+        assert_eq!(
+            store.load("b").unwrap().unwrap().refresh_token.expose(),
+            "rt-b"
+        );
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn corrupt_file_is_an_error_and_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        fs::write(
+            &path,
+            b"{\"version\": 1, \"integrations\": {\"a\": \"rt-SECRET",
+        )
+        .unwrap();
+        let err = FileStore::open(&path).err().unwrap().to_string();
+        assert!(err.contains("corrupt"), "{err}");
+        assert!(!err.contains("rt-SECRET"), "{err}");
+        assert_eq!(
+            fs::read(&path).unwrap(),
+            b"{\"version\": 1, \"integrations\": {\"a\": \"rt-SECRET"
+        );
+    }
+
+    #[test]
+    fn fingerprint_hides_the_token() {
+        let print = fingerprint(&Secret::new("rt-SECRET"));
+        assert!(print.starts_with("sha256:") && !print.contains("rt-SECRET"));
+        assert_eq!(print, fingerprint(&Secret::new("rt-SECRET")));
+        assert_ne!(print, fingerprint(&Secret::new("rt-other")));
+    }
+}

@@ -1,0 +1,556 @@
+//! The token store: per integration, the current access token in an `ArcSwap`
+//! (lock-free reads on the request path) and a single-flight refresh.
+//!
+//! Any number of callers wanting a refresh at once cause one token-endpoint
+//! call: the first takes the flight lock and runs the exchange on its own task
+//! (so a caller that goes away cannot abandon a rotation half-way); the others
+//! wait for the lock and take that attempt's outcome. Across processes the state
+//! store's lock does the same, and the state is re-read under it: another
+//! process may have refreshed already.
+
+pub mod refresh;
+pub mod schedule;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use serde::Serialize;
+use time::OffsetDateTime;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::config::{Config, IntegrationConfig};
+use crate::oauth::{OAuthClient, TokenError};
+use crate::secret::Secret;
+use crate::state::{self, Entry, StateError, StateStore};
+
+/// How long a request with no valid token waits for a refresh before its 503.
+pub const ON_DEMAND_WAIT: Duration = Duration::from_secs(10);
+/// On-demand refreshes after a failure: at most one per this interval.
+const ON_DEMAND_INTERVAL: Duration = Duration::from_secs(1);
+/// Forced refreshes (an upstream 401): at most one per this interval, so an API
+/// that rejects every token cannot make us hammer the provider.
+const FORCED_INTERVAL: Duration = Duration::from_secs(10);
+
+/// One published access token. Immutable; replaced whole on refresh.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub access_token: Secret,
+    pub token_type: String,
+    pub issued_at: OffsetDateTime,
+    pub expires_at: OffsetDateTime,
+    /// Counts publications in this process; the 401 path uses it to tell
+    /// whether the token it sent is still the current one.
+    pub generation: u64,
+}
+
+impl Snapshot {
+    pub fn is_valid(&self, now: OffsetDateTime) -> bool {
+        now < self.expires_at
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    Ok,
+    Refreshing,
+    BackingOff,
+    Failed,
+}
+
+/// What `/integrations` and `check` show. No secrets.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub name: String,
+    pub state: Health,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_refresh_at: Option<OffsetDateTime>,
+    pub last_error: Option<String>,
+    pub refresh_count: u64,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RefreshError {
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error("{integration}: state store failed")]
+    State {
+        integration: String,
+        #[source]
+        source: Arc<StateError>,
+    },
+    #[error(
+        "{0}: not authorized yet: no refresh token in the config or the state file (run `credproxy authorize {0}`)"
+    )]
+    NotAuthorized(String),
+    #[error("{0}: no valid token: the refresh did not finish within {1:?}")]
+    Timeout(String, Duration),
+    #[error("{0}: the refresh task stopped unexpectedly")]
+    Aborted(String),
+}
+
+impl RefreshError {
+    /// True when retrying cannot help until someone fixes the credentials.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::Token(e) => e.is_permanent(),
+            Self::NotAuthorized(_) => true,
+            _ => false,
+        }
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Token(e) => e.retry_after,
+            _ => None,
+        }
+    }
+}
+
+type Outcome = Result<Arc<Snapshot>, RefreshError>;
+
+/// Why a refresh is wanted; decides whether an existing token is good enough.
+#[derive(Debug, Clone, Copy)]
+pub enum Reason {
+    /// A request found no valid token.
+    Missing,
+    /// A script (`credproxy token`) wants a token that is not about to expire.
+    Due,
+    /// The refresher's timer fired for this generation.
+    Scheduled { generation: u64 },
+    /// The upstream answered 401 to this generation's token.
+    Rejected { generation: u64 },
+    /// `check` or an operator: call the provider even if the token looks fine.
+    Always,
+}
+
+// === impl Tokens ===
+
+/// Every integration of a config.
+pub struct Tokens {
+    integrations: Vec<Arc<Integration>>,
+}
+
+impl Tokens {
+    /// Reads each integration's stored state; a stored token that is still
+    /// valid is used as is, without a refresh.
+    pub fn new(
+        config: &Config,
+        store: Arc<dyn StateStore>,
+        client: OAuthClient,
+    ) -> Result<Self, StateError> {
+        let integrations = config
+            .integrations
+            .iter()
+            .map(|i| Integration::new(i.clone(), store.clone(), client.clone()).map(Arc::new))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { integrations })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Integration>> {
+        self.integrations.iter().find(|i| i.name() == name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Integration>> {
+        self.integrations.iter()
+    }
+
+    /// Starts one background refresher per integration.
+    pub fn spawn_refreshers(&self) -> tokio::task::JoinSet<()> {
+        let mut set = tokio::task::JoinSet::new();
+        for integration in &self.integrations {
+            set.spawn(refresh::run(integration.clone()));
+        }
+        set
+    }
+
+    /// Waits (bounded) for refreshes in flight, so a shutdown does not cut one
+    /// between the provider's answer and the state write.
+    pub async fn quiesce(&self, deadline: Duration) {
+        let all = futures_all(self.integrations.iter().map(|i| i.flight.clone()));
+        let _ = tokio::time::timeout(deadline, all).await;
+    }
+}
+
+async fn futures_all(flights: impl Iterator<Item = Arc<tokio::sync::Mutex<Flight>>>) {
+    for flight in flights {
+        drop(flight.lock().await);
+    }
+}
+
+// === impl Integration ===
+
+pub struct Integration {
+    config: IntegrationConfig,
+    store: Arc<dyn StateStore>,
+    client: OAuthClient,
+    current: ArcSwapOption<Snapshot>,
+    published: watch::Sender<u64>,
+    flight: Arc<tokio::sync::Mutex<Flight>>,
+    /// Finished refresh attempts; a waiter that sees it move joins that attempt.
+    attempts: AtomicU64,
+    status: Mutex<StatusInner>,
+    /// A rotated chain whose state write failed: used (and re-saved) by the next
+    /// attempt, so a full disk cannot lose a refresh token.
+    unsaved: Mutex<Option<Entry>>,
+}
+
+#[derive(Default)]
+struct Flight {
+    last: Option<Outcome>,
+    last_finished: Option<Instant>,
+    last_rejected: Option<Instant>,
+}
+
+struct StatusInner {
+    health: Health,
+    last_refresh_at: Option<OffsetDateTime>,
+    last_error: Option<String>,
+    refresh_count: u64,
+}
+
+/// The refresh token to use and where it came from.
+struct Chain {
+    refresh_token: Secret,
+    seed_fingerprint: Option<String>,
+    /// The stored entry, when it belongs to this chain.
+    stored: Option<Entry>,
+}
+
+impl Integration {
+    fn new(
+        config: IntegrationConfig,
+        store: Arc<dyn StateStore>,
+        client: OAuthClient,
+    ) -> Result<Self, StateError> {
+        let stored = store.load(&config.name)?;
+        let integration = Self {
+            store,
+            client,
+            current: ArcSwapOption::empty(),
+            published: watch::Sender::new(0),
+            flight: Arc::default(),
+            attempts: AtomicU64::new(0),
+            status: Mutex::new(StatusInner {
+                health: Health::Refreshing,
+                last_refresh_at: None,
+                last_error: None,
+                refresh_count: 0,
+            }),
+            unsaved: Mutex::new(None),
+            config,
+        };
+        match integration.chain(stored) {
+            Ok(chain) => {
+                let now = OffsetDateTime::now_utc();
+                if let Some(entry) = chain
+                    .stored
+                    .filter(|e| e.expires_at.is_some_and(|at| now < at))
+                {
+                    integration.publish(&entry);
+                    integration.lock_status().health = Health::Ok;
+                }
+            }
+            Err(error) => integration.record_failure(&error),
+        }
+        Ok(integration)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    pub fn config(&self) -> &IntegrationConfig {
+        &self.config
+    }
+
+    /// The current token, valid or not. Lock-free.
+    pub fn current(&self) -> Option<Arc<Snapshot>> {
+        self.current.load_full()
+    }
+
+    /// Notified with the generation of every published token.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.published.subscribe()
+    }
+
+    /// A valid token for a request: the current one without waiting when it is
+    /// valid; otherwise starts or joins a refresh and waits for it (bounded).
+    pub async fn ready(self: &Arc<Self>) -> Result<Arc<Snapshot>, RefreshError> {
+        if let Some(snapshot) = self.current.load_full()
+            && snapshot.is_valid(OffsetDateTime::now_utc())
+        {
+            return Ok(snapshot);
+        }
+        tokio::time::timeout(ON_DEMAND_WAIT, self.refresh(Reason::Missing))
+            .await
+            .unwrap_or_else(|_| {
+                Err(RefreshError::Timeout(
+                    self.name().to_owned(),
+                    ON_DEMAND_WAIT,
+                ))
+            })
+    }
+
+    /// Refreshes unless `reason` finds the current token good enough. Concurrent
+    /// callers share one attempt.
+    pub async fn refresh(self: &Arc<Self>, reason: Reason) -> Outcome {
+        let seen = self.attempts.load(Ordering::Acquire);
+        let mut flight = self.flight.clone().lock_owned().await;
+        if self.attempts.load(Ordering::Acquire) != seen
+            && let Some(outcome) = &flight.last
+        {
+            return outcome.clone();
+        }
+        if let Some(outcome) = self.skip(reason, &mut flight) {
+            return outcome;
+        }
+        let this = self.clone();
+        let adopt = !matches!(reason, Reason::Always);
+        let task = tokio::spawn(async move {
+            let outcome = this.exchange(adopt).await;
+            flight.last = Some(outcome.clone());
+            flight.last_finished = Some(Instant::now());
+            this.attempts.fetch_add(1, Ordering::Release);
+            outcome
+        });
+        task.await
+            .unwrap_or_else(|_| Err(RefreshError::Aborted(self.name().to_owned())))
+    }
+
+    /// The answer to give without calling the provider, if any.
+    fn skip(&self, reason: Reason, flight: &mut Flight) -> Option<Outcome> {
+        let now = OffsetDateTime::now_utc();
+        let current = self.current.load_full();
+        let recent_failure = || match (&flight.last, flight.last_finished) {
+            (Some(Err(error)), Some(at))
+                if error.is_permanent() || at.elapsed() < ON_DEMAND_INTERVAL =>
+            {
+                Some(Err(error.clone()))
+            }
+            _ => None,
+        };
+        match reason {
+            Reason::Missing => match current {
+                Some(s) if s.is_valid(now) => Some(Ok(s)),
+                _ => recent_failure(),
+            },
+            Reason::Due => match current {
+                Some(s) if !self.is_due(&s, now) => Some(Ok(s)),
+                _ => recent_failure(),
+            },
+            Reason::Scheduled { generation } => {
+                current.filter(|s| s.generation != generation).map(Ok)
+            }
+            Reason::Rejected { generation } => match current {
+                Some(s) if s.generation != generation => Some(Ok(s)),
+                Some(s)
+                    if flight
+                        .last_rejected
+                        .is_some_and(|at| at.elapsed() < FORCED_INTERVAL) =>
+                {
+                    Some(Ok(s))
+                }
+                _ => {
+                    flight.last_rejected = Some(Instant::now());
+                    None
+                }
+            },
+            Reason::Always => None,
+        }
+    }
+
+    fn is_due(&self, snapshot: &Snapshot, now: OffsetDateTime) -> bool {
+        schedule::refresh_in(
+            now,
+            snapshot.issued_at,
+            snapshot.expires_at,
+            self.config.refresh_skew,
+            0.0,
+        )
+        .is_zero()
+    }
+
+    /// One refresh under the cross-process lock, with status bookkeeping.
+    async fn exchange(&self, adopt: bool) -> Outcome {
+        self.lock_status().health = Health::Refreshing;
+        let outcome = self.exchange_locked(adopt).await;
+        match &outcome {
+            Ok(snapshot) => {
+                let mut status = self.lock_status();
+                status.health = Health::Ok;
+                status.last_error = None;
+                tracing::info!(
+                    integration = %self.name(),
+                    expires_in = (snapshot.expires_at - OffsetDateTime::now_utc()).whole_seconds(),
+                    "token refreshed"
+                );
+            }
+            Err(error) => self.record_failure(error),
+        }
+        outcome
+    }
+
+    async fn exchange_locked(&self, adopt: bool) -> Outcome {
+        let _lock = self.blocking(|store, name| store.lock(name)).await?;
+        let stored = self.blocking(|store, name| store.load(name)).await?;
+        let chain = self.chain(stored)?;
+        let now = OffsetDateTime::now_utc();
+        if adopt && let Some(entry) = chain.stored.as_ref().filter(|e| self.adoptable(e, now)) {
+            // Another process refreshed while we waited for the lock.
+            return Ok(self.publish(entry));
+        }
+        let response = self
+            .client
+            .refresh(&self.config, &chain.refresh_token)
+            .await?;
+        let now = OffsetDateTime::now_utc();
+        let entry = Entry {
+            refresh_token: response.refresh_token.unwrap_or(chain.refresh_token),
+            access_token: Some(response.access_token),
+            token_type: Some(response.token_type),
+            expires_at: Some(
+                now + response
+                    .expires_in
+                    .unwrap_or(self.config.default_expires_in),
+            ),
+            seed_fingerprint: chain.seed_fingerprint,
+            updated_at: now,
+        };
+        {
+            let mut status = self.lock_status();
+            status.refresh_count += 1;
+            status.last_refresh_at = Some(now);
+        }
+        // Persist the rotated refresh token before publishing the access token:
+        // the provider may already have revoked the old one.
+        let saved = entry.clone();
+        if let Err(error) = self
+            .blocking(move |store, name| store.save(name, &saved))
+            .await
+        {
+            *lock(&self.unsaved) = Some(entry);
+            return Err(error);
+        }
+        *lock(&self.unsaved) = None;
+        Ok(self.publish(&entry))
+    }
+
+    /// Which refresh token to use: the stored chain when it grew from the config's
+    /// current refresh token (or from `authorize`), else the config's token.
+    fn chain(&self, stored: Option<Entry>) -> Result<Chain, RefreshError> {
+        let stored = lock(&self.unsaved).clone().or(stored);
+        let config_seed = self.config.refresh_token.as_ref().map(state::fingerprint);
+        match (stored, &self.config.refresh_token) {
+            (Some(entry), _) if config_seed.is_none() || entry.seed_fingerprint == config_seed => {
+                Ok(Chain {
+                    refresh_token: entry.refresh_token.clone(),
+                    seed_fingerprint: entry.seed_fingerprint.clone(),
+                    stored: Some(entry),
+                })
+            }
+            (_, Some(token)) => Ok(Chain {
+                refresh_token: token.clone(),
+                seed_fingerprint: config_seed,
+                stored: None,
+            }),
+            (_, None) => Err(RefreshError::NotAuthorized(self.name().to_owned())),
+        }
+    }
+
+    /// A stored token another process published: not ours, and not due.
+    fn adoptable(&self, entry: &Entry, now: OffsetDateTime) -> bool {
+        let (Some(token), Some(expires_at)) = (&entry.access_token, entry.expires_at) else {
+            return false;
+        };
+        let ours = self.current.load();
+        let same = ours.as_ref().is_some_and(|s| s.access_token == *token);
+        let due = schedule::refresh_in(
+            now,
+            entry.updated_at,
+            expires_at,
+            self.config.refresh_skew,
+            0.0,
+        )
+        .is_zero();
+        !same && !due
+    }
+
+    fn publish(&self, entry: &Entry) -> Arc<Snapshot> {
+        let generation = self.current.load().as_ref().map_or(0, |s| s.generation) + 1;
+        let snapshot = Arc::new(Snapshot {
+            access_token: entry
+                .access_token
+                .clone()
+                .unwrap_or_else(|| Secret::new("")),
+            token_type: entry.token_type.clone().unwrap_or_else(|| "bearer".into()),
+            issued_at: entry.updated_at,
+            expires_at: entry.expires_at.unwrap_or(entry.updated_at),
+            generation,
+        });
+        self.current.store(Some(snapshot.clone()));
+        self.published.send_replace(generation);
+        snapshot
+    }
+
+    fn record_failure(&self, error: &RefreshError) {
+        let mut status = self.lock_status();
+        status.health = if error.is_permanent() {
+            Health::Failed
+        } else {
+            Health::BackingOff
+        };
+        status.last_error = Some(crate::error::chain(error));
+        tracing::warn!(integration = %self.name(), error = %crate::error::chain(error), "refresh failed");
+    }
+
+    pub fn health(&self) -> Health {
+        self.lock_status().health
+    }
+
+    pub fn status(&self) -> Status {
+        let status = self.lock_status();
+        Status {
+            name: self.name().to_owned(),
+            state: status.health,
+            expires_at: self.current.load().as_ref().map(|s| s.expires_at),
+            last_refresh_at: status.last_refresh_at,
+            last_error: status.last_error.clone(),
+            refresh_count: status.refresh_count,
+        }
+    }
+
+    fn lock_status(&self) -> MutexGuard<'_, StatusInner> {
+        lock(&self.status)
+    }
+
+    /// Runs blocking state-store I/O off the async workers.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&dyn StateStore, &str) -> Result<T, StateError> + Send + 'static,
+    ) -> Result<T, RefreshError> {
+        let store = self.store.clone();
+        let name = self.name().to_owned();
+        let state_error = |source| RefreshError::State {
+            integration: self.name().to_owned(),
+            source: Arc::new(source),
+        };
+        tokio::task::spawn_blocking(move || op(&*store, &name))
+            .await
+            .map_err(|_| RefreshError::Aborted(self.name().to_owned()))?
+            .map_err(state_error)
+    }
+}
+
+/// Status and `unsaved` are plain data; a panic elsewhere cannot leave them
+/// half-written, so a poisoned lock is still safe to use.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
