@@ -629,3 +629,195 @@ fn is_reserved_header(name: &HeaderName) -> bool {
     ]
     .contains(name)
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+[proxy]
+listen = "127.0.0.1:8081"
+unrouted = "deny"
+auth = { username = "steps", password = "${PROXY_PASSWORD}" }
+
+[admin]
+listen = "127.0.0.1:9091"
+
+[upstream]
+resolve = { "API.example.test:443" = "127.0.0.1:8443" }
+
+[integrations.dropbox]
+client_id = "key"
+client_secret = "${SECRET}"
+refresh_url = "https://api.dropbox.com/oauth2/token"
+refresh_token = "rt-SECRET"
+request_format = "json"
+client_auth = "body"
+scope = "files.content.read"
+refresh_skew = "90s"
+default_expires_in = "4h"
+authorize_url = "https://www.dropbox.com/oauth2/authorize"
+extra_authorize_params = { token_access_type = "offline" }
+
+[[routes]]
+host = "api.dropboxapi.com"
+integration = "dropbox"
+headers = { "X-Type" = "{{ $.integrations.dropbox.token_type }}" }
+
+[[routes]]
+host = "*.dropboxapi.com"
+headers = { Authorization = "Bearer {{ $.integrations.dropbox.access_token }}" }
+upstream_tls = false
+
+[[sidecars]]
+listen = "127.0.0.1:9001"
+upstream = "https://content.dropboxapi.com"
+"#;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "SECRET" => Some("cs-SECRET".into()),
+            "PROXY_PASSWORD" => Some("pw-SECRET".into()),
+            _ => None,
+        }
+    }
+
+    fn parse_text(text: &str) -> Result<Config, ConfigError> {
+        parse(Path::new("test.toml"), text, &env)
+    }
+
+    fn error_of(text: &str) -> String {
+        parse_text(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let config = parse_text(FULL).unwrap();
+        assert_eq!(config.proxy.listen, "127.0.0.1:8081".parse().unwrap());
+        assert_eq!(config.proxy.unrouted, Unrouted::Deny);
+        let dropbox = config.integration("dropbox").unwrap();
+        assert_eq!(dropbox.client_secret.expose(), "cs-SECRET");
+        assert_eq!(dropbox.request_format, RequestFormat::Json);
+        assert_eq!(dropbox.client_auth, ClientAuth::Body);
+        assert_eq!(dropbox.refresh_skew, Duration::from_secs(90));
+        assert_eq!(dropbox.default_expires_in, Duration::from_secs(4 * 3600));
+        assert_eq!(dropbox.redirect_uri.as_str(), DEFAULT_REDIRECT_URI);
+        assert_eq!(config.routes[0].headers.len(), 2);
+        assert_eq!(config.routes[1].integration.as_deref(), Some("dropbox"));
+        assert!(!config.routes[1].upstream_tls);
+        assert_eq!(
+            config.upstream.resolve("api.example.test", 443),
+            Some("127.0.0.1:8443".parse().unwrap())
+        );
+        assert_eq!(config.sidecars.len(), 1);
+    }
+
+    #[test]
+    fn defaults_apply_to_an_empty_file() {
+        let config = parse_text("").unwrap();
+        assert_eq!(config.proxy.listen.to_string(), DEFAULT_PROXY_LISTEN);
+        assert_eq!(config.admin.listen.to_string(), DEFAULT_ADMIN_LISTEN);
+        assert_eq!(config.state.path, PathBuf::from(DEFAULT_STATE_PATH));
+        assert_eq!(config.proxy.unrouted, Unrouted::Tunnel);
+    }
+
+    #[test]
+    fn debug_output_holds_no_secret() {
+        let debug = format!("{:?}", parse_text(FULL).unwrap());
+        for secret in ["cs-SECRET", "pw-SECRET", "rt-SECRET"] {
+            assert!(!debug.contains(secret), "{secret} in {debug}");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let integration = "[integrations.box]\nclient_id = \"id\"\nclient_secret = \"s\"\nrefresh_url = \"https://x.test/token\"\nrefresh_token = \"r\"\n";
+        let with = |extra: &str| format!("{integration}{extra}");
+        let cases = [
+            (
+                with("refresh_tokn = \"r\""),
+                "integrations.box.refresh_tokn: unknown field",
+            ),
+            (
+                with("refresh_skew = \"5 minutes\""),
+                "integrations.box.refresh_skew",
+            ),
+            (
+                with("request_format = \"xml\""),
+                "integrations.box.request_format",
+            ),
+            (
+                with("client_auth = \"digest\""),
+                "integrations.box.client_auth",
+            ),
+            (
+                with("redirect_uri = \"https://example.com/cb\""),
+                "integrations.box.redirect_uri",
+            ),
+            (
+                integration.replace("https://x.test/token", "http://x.test/token"),
+                "integrations.box.refresh_url: must be https",
+            ),
+            (
+                integration.replace("https://x.test/token", "not a url"),
+                "integrations.box.refresh_url",
+            ),
+            (
+                integration.replace("\"s\"", "\"${MISSING_VAR}\""),
+                "integrations.box.client_secret: environment variable MISSING_VAR is not set",
+            ),
+            (
+                with("[[routes]]\nhost = \"a.test\"\nintegration = \"bx\""),
+                "routes[0].integration: no integration named \"bx\"",
+            ),
+            (
+                with("[[routes]]\nhost = \"10.0.0.1\"\nintegration = \"box\""),
+                "routes[0].host",
+            ),
+            (
+                with("[[routes]]\nhost = \"a.test\""),
+                "routes[0]: injects nothing",
+            ),
+            (
+                with(
+                    "[[routes]]\nhost = \"a.test\"\nheaders = { X = \"{{ $.integrations.box.refresh_token }}\" }",
+                ),
+                "routes[0].headers.X: unknown expression",
+            ),
+            (
+                with(
+                    "[[routes]]\nhost = \"a.test\"\nintegration = \"box\"\n[[routes]]\nhost = \"A.test\"\nintegration = \"box\"",
+                ),
+                "routes[1].host: a.test is routed twice",
+            ),
+            (
+                with(
+                    "[[sidecars]]\nlisten = \"127.0.0.1:9001\"\nupstream = \"https://nothing.test\"",
+                ),
+                "sidecars[0].upstream: no [[routes]] entry",
+            ),
+            ("[proxy]\nlisten = \"localhost\"".into(), "proxy.listen"),
+            ("[proxy]\nunrouted = \"drop\"".into(), "proxy.unrouted"),
+            (
+                "[upstream]\nresolve = { \"nohost\" = \"127.0.0.1:1\" }".into(),
+                "upstream.resolve",
+            ),
+            (
+                "[upstream]\nextra_ca = \"/nonexistent/ca.pem\"".into(),
+                "upstream.extra_ca: cannot read",
+            ),
+            (
+                "[admn]\nlisten = \"127.0.0.1:1\"".into(),
+                "unknown field `admn`",
+            ),
+            ("[proxy\n".into(), "TOML syntax error at line 1"),
+        ];
+        for (text, want) in cases {
+            let err = error_of(&text);
+            assert!(err.starts_with("test.toml: "), "{err}");
+            assert!(err.contains(want), "want {want:?} in {err:?}");
+            assert!(!err.contains('\n'), "one line: {err:?}");
+        }
+    }
+}

@@ -83,7 +83,9 @@ impl RouteTable {
                 HostPattern::Wildcard(suffix) => table.wildcards.push((suffix.clone(), index)),
             }
         }
-        table.wildcards.sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
+        table
+            .wildcards
+            .sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
         table
     }
 

@@ -1,0 +1,8 @@
+//! Test helpers shared by every integration test module.
+
+// Each test module uses a different subset of the helpers.
+#![allow(dead_code)]
+
+pub mod ca;
+pub mod cli;
+pub mod token;
