@@ -335,6 +335,7 @@ impl reqwest::dns::Resolve for Resolver {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

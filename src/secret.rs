@@ -56,6 +56,7 @@ impl<'de> Deserialize<'de> for Secret {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

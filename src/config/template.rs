@@ -110,6 +110,7 @@ fn parse_expression(expr: &str) -> Result<(&str, Part), String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

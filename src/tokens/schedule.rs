@@ -47,6 +47,7 @@ pub fn backoff(failures: u32, jitter: f64) -> Duration {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use time::macros::datetime;
