@@ -18,6 +18,8 @@ use time::OffsetDateTime;
 
 use crate::config::CaConfig;
 
+pub mod mint;
+
 pub const CA_NAME: &str = "credproxy local CA";
 
 #[derive(Debug, thiserror::Error)]

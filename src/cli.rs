@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
     long_about = "credproxy keeps each integration's OAuth access token fresh with the refresh_token \
 grant, persisting rotated refresh tokens, and injects `Authorization: Bearer` into requests \
 that programs send through it (HTTPS_PROXY=http://127.0.0.1:8080).\n\n\
-First steps:\n  credproxy check            refresh every integration once and report\n  \
+First steps:\n  credproxy run              the proxy (see config/credproxy.toml)\n  credproxy check            refresh every integration once and report\n  \
 credproxy token NAME       print NAME's access token for a script\n  \
 credproxy ca init          create the local CA that clients must trust",
     after_help = "Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad config."
@@ -34,6 +34,19 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The main job: token refreshers, the proxy and the admin listener, until
+    /// SIGINT/SIGTERM. Point programs at it with HTTPS_PROXY=http://127.0.0.1:8080.
+    Run,
+    /// Run the proxy against built-in demo OAuth and API servers, with no set-up
+    /// and no accounts; prints a curl command to try from another terminal.
+    Demo {
+        /// Proxy address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Admin address.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin_listen: std::net::SocketAddr,
+    },
     /// Validate the config, refresh every integration once (persisting any rotated
     /// refresh token) and print one line per integration; exit 0 only if all succeeded.
     Check,

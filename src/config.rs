@@ -92,9 +92,12 @@ pub struct StateConfig {
     pub path: PathBuf,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     pub extra_ca: Option<ExtraCa>,
+    pub connect_timeout: Duration,
+    /// From sending the request until the response head arrives.
+    pub response_timeout: Duration,
     /// `host:port` (host lower-cased) → address, like curl's `--resolve`.
     pub resolve: HashMap<String, SocketAddr>,
 }
@@ -385,7 +388,34 @@ impl Validator<'_> {
             })?;
             resolve.insert(format!("{}:{port}", routes::normalize(host)), addr);
         }
-        Ok(UpstreamConfig { extra_ca, resolve })
+        let duration = |key: &str, value: Option<String>, default: &str| {
+            duration::parse(value.as_deref().unwrap_or(default))
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    self.err(
+                        key,
+                        format!(
+                            "{:?} is not a non-zero duration like \"10s\"",
+                            value.as_deref().unwrap_or(default)
+                        ),
+                    )
+                })
+        };
+        Ok(UpstreamConfig {
+            extra_ca,
+            resolve,
+            connect_timeout: duration(
+                "upstream.connect_timeout",
+                raw.connect_timeout,
+                DEFAULT_CONNECT_TIMEOUT,
+            )?,
+            response_timeout: duration(
+                "upstream.response_timeout",
+                raw.response_timeout,
+                DEFAULT_RESPONSE_TIMEOUT,
+            )?,
+        })
     }
 
     fn extra_ca(&self, path: PathBuf) -> Result<ExtraCa, ConfigError> {

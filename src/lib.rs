@@ -10,16 +10,28 @@
 //! - `tokens` (+ `tokens/`): per-integration `ArcSwap` token, single-flight refresh,
 //!   the background refresher and its pure schedule.
 //! - `routes`: host → route lookup.
-//! - `ca`, `tls`: the local CA; TLS roots and provider for upstream connections.
+//! - `ca` (+ `ca/mint`): the local CA and the leaf certificates minted from it.
+//! - `tls`: the crypto provider and root store for outbound TLS.
+//! - `app`: `credproxy run` — refreshers, proxy and admin listener, graceful stop.
+//! - `proxy` (+ `proxy/`): the forward proxy: CONNECT interception or tunnel,
+//!   injection, upstream pool, 401 retry, error responses.
+//! - `admin`: health, readiness, integration status, forced refresh.
+//! - `server`: accept loops and graceful shutdown.
+//! - `demo`: the demo OAuth and API servers behind `credproxy demo`.
 
+pub mod admin;
+pub mod app;
 pub mod ca;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod oauth;
+pub mod proxy;
 pub mod routes;
 pub mod secret;
+pub mod server;
 pub mod state;
 pub mod tls;
 pub mod tokens;

@@ -2,12 +2,13 @@
 //! The only place that prints.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::Parser;
 use credproxy::cli::{CaCommand, Cli, Command};
 use credproxy::error::{self, Error};
-use credproxy::{commands, config};
+use credproxy::{app, commands, config};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -32,10 +33,21 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, Error> {
-    let config = config::load(&cli.config)?;
+    let load = || config::load(&cli.config);
     match cli.command {
+        Command::Demo {
+            listen,
+            admin_listen,
+        } => demo(listen, admin_listen).await,
+        Command::Run => {
+            let running = app::start(&load()?).await?;
+            wait_for_stop_signal().await?;
+            tracing::info!("stopping: letting in-flight requests finish");
+            running.stop().await;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Check => {
-            let report = commands::check(&config).await?;
+            let report = commands::check(&load()?).await?;
             for line in &report.lines {
                 println!("{line}");
             }
@@ -46,13 +58,13 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             })
         }
         Command::Token { name } => {
-            let token = commands::token(&config, &name).await?;
+            let token = commands::token(&load()?, &name).await?;
             // The one place a token is printed on purpose: this command's job.
             println!("{}", token.expose());
             Ok(ExitCode::SUCCESS)
         }
         Command::Ca(CaCommand::Init) => {
-            let (path, created) = commands::ca_init(&config)?;
+            let (path, created) = commands::ca_init(&load()?)?;
             if created {
                 eprintln!(
                     "created {} (\"{}\")",
@@ -64,16 +76,68 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ca(CaCommand::Bundle) => {
-            println!("{}", commands::ca_bundle(&config)?.display());
+            println!("{}", commands::ca_bundle(&load()?)?.display());
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `credproxy demo`: the real proxy, with demo servers standing in for the
+/// outside world, and a temporary directory for its CA and state.
+async fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> Result<ExitCode, Error> {
+    let dir = tempfile::Builder::new()
+        .prefix("credproxy-demo-")
+        .tempdir()
+        .map_err(|e| Error::Failed(format!("cannot create a temporary directory: {e}")))?;
+    let world = credproxy::demo::DemoWorld::start(dir.path())
+        .await
+        .map_err(|e| Error::Failed(error::chain(&e)))?;
+    let config_path = dir.path().join("credproxy-demo.toml");
+    let config = config::parse(
+        &config_path,
+        &world.config_toml(listen, admin_listen),
+        &|_| None,
+    )?;
+    let running = app::start(&config).await?;
+    println!(
+        "credproxy demo is running: proxy http://{}, admin http://{}",
+        running.proxy_addr, running.admin_addr
+    );
+    println!(
+        "The demo API answers 401 without a valid token; credproxy adds one. Try, in another terminal:"
+    );
+    println!();
+    println!(
+        "  curl -x http://{} --cacert {} https://api.demo.test/hello",
+        running.proxy_addr,
+        config.ca.cert.display()
+    );
+    println!();
+    println!("Demo tokens expire after 20 s; watch the refreshes below. Ctrl-C stops the demo.");
+    wait_for_stop_signal().await?;
+    running.stop().await;
+    drop(world);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_stop_signal() -> Result<(), Error> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())
+        .map_err(|e| Error::Failed(format!("cannot listen for SIGTERM: {e}")))?;
+    let mut interrupt = signal(SignalKind::interrupt())
+        .map_err(|e| Error::Failed(format!("cannot listen for SIGINT: {e}")))?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    Ok(())
 }
 
 /// Logs go to stderr. One-shot commands log warnings only, so their stdout and
 /// stderr stay readable; `RUST_LOG` overrides.
 fn init_logging(command: &Command) {
     let default = match command {
+        Command::Run | Command::Demo { .. } => "info",
         Command::Check | Command::Token { .. } | Command::Ca(_) => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -81,6 +145,7 @@ fn init_logging(command: &Command) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
 }

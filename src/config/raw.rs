@@ -12,6 +12,8 @@ pub const DEFAULT_CA_KEY: &str = "certs/ca-key.pem";
 pub const DEFAULT_STATE_PATH: &str = "state/tokens.json";
 pub const DEFAULT_REFRESH_SKEW: &str = "60s";
 pub const DEFAULT_EXPIRES_IN: &str = "1h";
+pub const DEFAULT_CONNECT_TIMEOUT: &str = "10s";
+pub const DEFAULT_RESPONSE_TIMEOUT: &str = "60s";
 pub const DEFAULT_REDIRECT_URI: &str = "http://127.0.0.1:8765/callback";
 
 #[derive(Debug, Default, Deserialize)]
@@ -76,6 +78,8 @@ pub struct RawUpstream {
     pub extra_ca: Option<String>,
     #[serde(default)]
     pub resolve: BTreeMap<String, String>,
+    pub connect_timeout: Option<String>,
+    pub response_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

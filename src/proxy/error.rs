@@ -1,0 +1,69 @@
+//! Errors made by credproxy itself, and the one place they become responses:
+//! JSON `{"error": CODE, "message": TEXT}` with `x-credproxy-error: CODE`.
+
+use http::{HeaderValue, Response, StatusCode, header};
+
+use super::body::{self, ProxyBody};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("proxy authentication required")]
+    AuthRequired,
+    #[error("{0}")]
+    Denied(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    HostMismatch(String),
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("{0}")]
+    NoToken(String),
+    #[error("{0}")]
+    Timeout(String),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::AuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            Self::Denied(_) => StatusCode::FORBIDDEN,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::HostMismatch(_) => StatusCode::MISDIRECTED_REQUEST,
+            Self::Unreachable(_) => StatusCode::BAD_GATEWAY,
+            Self::NoToken(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::AuthRequired => "proxy_auth_required",
+            Self::Denied(_) => "denied",
+            Self::BadRequest(_) => "bad_request",
+            Self::HostMismatch(_) => "host_mismatch",
+            Self::Unreachable(_) => "upstream_unreachable",
+            Self::NoToken(_) => "no_token",
+            Self::Timeout(_) => "upstream_timeout",
+        }
+    }
+
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let body = serde_json::json!({ "error": self.code(), "message": self.to_string() });
+        let mut response = Response::new(body::full(body.to_string()));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert("x-credproxy-error", HeaderValue::from_static(self.code()));
+        if matches!(self, Self::AuthRequired) {
+            headers.insert(
+                header::PROXY_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"credproxy\""),
+            );
+        }
+        response
+    }
+}

@@ -1,0 +1,173 @@
+//! Sending a request upstream: to a routed host with credentials (and the 401
+//! retry), or, unrouted, as a plain forward proxy would.
+
+use http::uri::{PathAndQuery, Scheme};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+
+use super::body::{self, ProxyBody};
+use super::error::ProxyError;
+use super::inject::{self, Injector};
+use super::retry::RequestBody;
+use super::upstream::Upstream;
+use crate::config::Route;
+use crate::tokens::Reason;
+
+/// Where a routed request goes.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub scheme: Scheme,
+    pub host: String,
+    pub port: u16,
+}
+
+impl Target {
+    /// Inside an intercepted TLS tunnel: TLS to the CONNECT target.
+    pub fn intercepted(host: String, port: u16) -> Self {
+        Self {
+            scheme: Scheme::HTTPS,
+            host,
+            port,
+        }
+    }
+
+    /// A plain-HTTP request to a routed host: upstream over TLS (port 443 unless
+    /// the URL names another) unless the route opts out, so credentials never
+    /// travel in plaintext by accident.
+    pub fn plain(route: &Route, host: String, port: Option<u16>) -> Self {
+        if route.upstream_tls {
+            Self {
+                scheme: Scheme::HTTPS,
+                host,
+                port: port.filter(|&p| p != 80).unwrap_or(443),
+            }
+        } else {
+            Self {
+                scheme: Scheme::HTTP,
+                host,
+                port: port.unwrap_or(80),
+            }
+        }
+    }
+
+    fn uri(&self, path: Option<&PathAndQuery>) -> Result<Uri, ProxyError> {
+        let default = if self.scheme == Scheme::HTTPS {
+            443
+        } else {
+            80
+        };
+        let authority = if self.port == default {
+            self.host.clone()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        };
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(authority)
+            .path_and_query(path.map_or("/", |p| p.as_str()))
+            .build()
+            .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URL: {e}")))
+    }
+}
+
+/// Sends `request` to `target` with the route's headers. On a 401 to a token
+/// that is still current, forces one (single-flight) refresh and resends once.
+pub async fn routed(
+    upstream: &Upstream,
+    injector: &Injector,
+    target: &Target,
+    request: Request<Incoming>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let snapshot = match &injector.integration {
+        Some(integration) => Some(
+            integration
+                .ready()
+                .await
+                .map_err(|e| ProxyError::NoToken(crate::error::chain(&e)))?,
+        ),
+        None => None,
+    };
+    let (mut parts, body) = request.into_parts();
+    inject::strip_hop_by_hop(&mut parts.headers);
+    let uri = target.uri(parts.uri.path_and_query())?;
+    let mut body = RequestBody::read(body, injector.integration.is_some()).await?;
+
+    let rendered = injector.headers(snapshot.as_deref());
+    let retry = match (&injector.integration, &snapshot) {
+        (Some(integration), Some(snapshot)) if body.is_replayable() => {
+            Some((integration, snapshot, parts.headers.clone()))
+        }
+        _ => None,
+    };
+    let first = build(
+        &parts.method,
+        &uri,
+        parts.headers,
+        &rendered.headers,
+        body.take(),
+    );
+    let response = upstream.send(first).await?;
+    let Some((integration, snapshot, headers)) =
+        retry.filter(|_| response.status() == StatusCode::UNAUTHORIZED)
+    else {
+        return Ok(relay(response));
+    };
+    match integration
+        .refresh(Reason::Rejected {
+            generation: snapshot.generation,
+        })
+        .await
+    {
+        Ok(fresh) if fresh.generation != snapshot.generation => {
+            tracing::info!(integration = %integration.name(), "upstream answered 401; resending with a refreshed token");
+            drop(response);
+            let rendered = injector.headers(Some(&fresh));
+            let again = build(&parts.method, &uri, headers, &rendered.headers, body.take());
+            Ok(relay(upstream.send(again).await?))
+        }
+        // Rate-limited, or the refresh failed: the client sees the API's 401.
+        _ => Ok(relay(response)),
+    }
+}
+
+/// An unrouted absolute-form request: forwarded as is, minus hop-by-hop headers.
+pub async fn unrouted(
+    upstream: &Upstream,
+    request: Request<Incoming>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let (mut parts, body) = request.into_parts();
+    inject::strip_hop_by_hop(&mut parts.headers);
+    let forwarded = build(
+        &parts.method,
+        &parts.uri,
+        parts.headers,
+        &[],
+        body::stream(body),
+    );
+    Ok(relay(upstream.send(forwarded).await?))
+}
+
+fn build(
+    method: &Method,
+    uri: &Uri,
+    mut headers: HeaderMap,
+    injected: &[(http::HeaderName, http::HeaderValue)],
+    body: ProxyBody,
+) -> Request<ProxyBody> {
+    inject::apply(&mut headers, injected);
+    let mut request = Request::new(body);
+    *request.method_mut() = method.clone();
+    *request.uri_mut() = uri.clone();
+    // The pool picks HTTP/1.1 or h2 per upstream, whatever the client spoke.
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+    request
+}
+
+fn relay(response: Response<Incoming>) -> Response<ProxyBody> {
+    let (mut parts, body) = response.into_parts();
+    inject::strip_hop_by_hop(&mut parts.headers);
+    // Let hyper frame the body for the client's protocol.
+    parts.headers.remove(http::header::TRANSFER_ENCODING);
+    Response::from_parts(parts, body::stream(body))
+}

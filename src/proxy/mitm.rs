@@ -1,0 +1,108 @@
+//! Interception inside a CONNECT tunnel to a routed host: tell TLS from plain
+//! HTTP by the first byte, terminate TLS with a leaf minted for the CONNECT
+//! host, and serve the requests inside (HTTP/1.1 keep-alive or h2 by ALPN).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio_rustls::TlsAcceptor;
+
+use super::Proxy;
+use super::forward::Target;
+use super::prefixed::Prefixed;
+use crate::server;
+
+/// A TLS record starts with content type 22 (handshake).
+const TLS_HANDSHAKE: u8 = 0x16;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Boxed as `Send` explicitly: rustc cannot prove it through hyper's nested
+/// generic futures on its own.
+pub fn serve<S>(
+    proxy: Arc<Proxy>,
+    route: usize,
+    host: String,
+    port: u16,
+    io: S,
+) -> Pin<Box<dyn Future<Output = ()> + Send>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    Box::pin(intercept(proxy, route, host, port, io))
+}
+
+async fn intercept<S>(proxy: Arc<Proxy>, route: usize, host: String, port: u16, mut io: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, io.read(&mut first)).await {
+        Ok(Ok(1)) => {}
+        _ => return,
+    }
+    let io = Prefixed::new(Bytes::copy_from_slice(&first), io);
+    if first[0] != TLS_HANDSHAKE {
+        // Plain HTTP after CONNECT (some clients do this for port 80).
+        let target = Target::plain(proxy.route(route), host.clone(), Some(port));
+        return serve_http(proxy, route, host, port, target, io).await;
+    }
+    let config = match proxy.leaves.server_config(&host) {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::warn!(error = %crate::error::chain(&error), "cannot intercept");
+            return;
+        }
+    };
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(io)).await {
+        Ok(Ok(tls)) => {
+            let target = Target::intercepted(host.clone(), port);
+            serve_http(proxy, route, host, port, target, tls).await;
+        }
+        Ok(Err(error)) => tracing::debug!(%host, %error, "client TLS handshake failed"),
+        Err(_) => tracing::debug!(%host, "client TLS handshake timed out"),
+    }
+}
+
+async fn serve_http<S>(
+    proxy: Arc<Proxy>,
+    route: usize,
+    host: String,
+    port: u16,
+    target: Target,
+    io: S,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let signal = proxy.shutdown.signal();
+    let tunnel = Arc::new((host, port, target));
+    let service = {
+        let proxy = proxy.clone();
+        service_fn(move |request| {
+            let proxy = proxy.clone();
+            let tunnel = tunnel.clone();
+            async move {
+                let (host, port, target) = &*tunnel;
+                Ok::<_, Infallible>(proxy.intercepted(route, host, *port, target, request).await)
+            }
+        })
+    };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(server::HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    if let Err(error) = server::until_shutdown(connection, signal, |c| c.graceful_shutdown()).await
+    {
+        tracing::debug!(error = %error, "intercepted connection closed with an error");
+    }
+}

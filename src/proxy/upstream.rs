@@ -1,0 +1,179 @@
+//! Connections to the real APIs: pooled HTTP/1.1 keep-alive and HTTP/2 (by
+//! ALPN), TLS verified against the system roots + `upstream.extra_ca`, and
+//! `upstream.resolve` applied to every TCP connection, tunnels included.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use super::body::ProxyBody;
+use super::error::ProxyError;
+use crate::config::UpstreamConfig;
+use crate::routes;
+use crate::tls::{self, TlsError};
+
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+pub struct Upstream {
+    client: Client<HttpsConnector<Connector>, ProxyBody>,
+    connector: Connector,
+    response_timeout: Duration,
+}
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig) -> Result<Self, TlsError> {
+        let connector = Connector {
+            resolve: Arc::new(config.resolve.clone()),
+            connect_timeout: config.connect_timeout,
+        };
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls::client_config(config, &[])?)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(connector.clone());
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .build(https);
+        Ok(Self {
+            client,
+            connector,
+            response_timeout: config.response_timeout,
+        })
+    }
+
+    /// Sends `request` (absolute URI) and waits for the response head, bounded
+    /// by the response timeout. The body then streams.
+    pub async fn send(
+        &self,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let authority = request
+            .uri()
+            .authority()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(error)) => Err(classify(&authority, &error)),
+            Err(_) => Err(ProxyError::Timeout(format!(
+                "{authority} did not answer within {:?}",
+                self.response_timeout
+            ))),
+        }
+    }
+
+    /// A raw TCP connection, for blind tunnels.
+    pub async fn connect_tcp(&self, host: &str, port: u16) -> Result<TcpStream, ProxyError> {
+        self.connector
+            .connect(host, port)
+            .await
+            .map_err(|e| connect_error(&format!("{host}:{port}"), &e))
+    }
+}
+
+fn classify(authority: &str, error: &hyper_util::client::legacy::Error) -> ProxyError {
+    let text = crate::error::chain(error);
+    if error.is_connect() {
+        // The connector reports its own timeout as TimedOut.
+        let timed_out = std::error::Error::source(error)
+            .and_then(|s| s.downcast_ref::<io::Error>())
+            .is_some_and(|e| e.kind() == io::ErrorKind::TimedOut);
+        if timed_out {
+            return ProxyError::Timeout(format!("connecting to {authority} timed out"));
+        }
+        return ProxyError::Unreachable(format!("cannot connect to {authority}: {text}"));
+    }
+    ProxyError::Unreachable(format!("{authority}: {text}"))
+}
+
+fn connect_error(target: &str, error: &io::Error) -> ProxyError {
+    if error.kind() == io::ErrorKind::TimedOut {
+        ProxyError::Timeout(format!("connecting to {target} timed out"))
+    } else {
+        ProxyError::Unreachable(format!("cannot connect to {target}: {error}"))
+    }
+}
+
+// === impl Connector ===
+
+/// TCP connector honouring `upstream.resolve` (host *and* port, like curl's
+/// `--resolve`), with a connect timeout and TCP_NODELAY.
+#[derive(Clone)]
+pub struct Connector {
+    resolve: Arc<HashMap<String, SocketAddr>>,
+    connect_timeout: Duration,
+}
+
+impl Connector {
+    async fn connect(&self, host: &str, port: u16) -> io::Result<TcpStream> {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let addrs: Vec<SocketAddr> = match self
+            .resolve
+            .get(&format!("{}:{port}", routes::normalize(host)))
+        {
+            Some(addr) => vec![*addr],
+            None => tokio::net::lookup_host((host, port)).await?.collect(),
+        };
+        let mut last_error =
+            io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"));
+        for addr in addrs {
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => {
+                    stream.set_nodelay(true)?;
+                    return Ok(stream);
+                }
+                Ok(Err(error)) => last_error = error,
+                Err(_) => {
+                    last_error = io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("connecting to {addr} timed out"),
+                    )
+                }
+            }
+        }
+        Err(last_error)
+    }
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = TokioIo<TcpStream>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let host = uri
+                .host()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "URI without host"))?;
+            let default_port = if uri.scheme_str() == Some("https") {
+                443
+            } else {
+                80
+            };
+            let stream = this
+                .connect(host, uri.port_u16().unwrap_or(default_port))
+                .await?;
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
