@@ -195,7 +195,7 @@ pub struct Integration {
     /// Finished refresh attempts; a waiter that sees it move joins that attempt.
     attempts: AtomicU64,
     status: Mutex<StatusInner>,
-    /// A rotated chain whose state write failed: used (and re-saved) by the next
+    /// A rotated chain whose state write failed: written first by the next
     /// attempt, so a full disk cannot lose a refresh token.
     unsaved: Mutex<Option<Entry>>,
 }
@@ -398,6 +398,13 @@ impl Integration {
 
     async fn exchange_locked(&self, adopt: bool) -> Outcome {
         let _lock = self.blocking(|store, name| store.lock(name)).await?;
+        // A rotated chain whose write failed last time goes to disk before anything
+        // else; until it does, nothing from it is used.
+        let unsaved = lock(&self.unsaved).clone();
+        if let Some(entry) = unsaved {
+            self.blocking(move |store, name| store.save(name, &entry)).await?;
+            *lock(&self.unsaved) = None;
+        }
         let stored = self.blocking(|store, name| store.load(name)).await?;
         let chain = self.chain(stored)?;
         let now = OffsetDateTime::now_utc();
@@ -405,20 +412,13 @@ impl Integration {
             // Another process refreshed while we waited for the lock.
             return Ok(self.publish(entry));
         }
-        let response = self
-            .client
-            .refresh(&self.config, &chain.refresh_token)
-            .await?;
+        let response = self.client.refresh(&self.config, &chain.refresh_token).await?;
         let now = OffsetDateTime::now_utc();
         let entry = Entry {
             refresh_token: response.refresh_token.unwrap_or(chain.refresh_token),
             access_token: Some(response.access_token),
             token_type: Some(response.token_type),
-            expires_at: Some(
-                now + response
-                    .expires_in
-                    .unwrap_or(self.config.default_expires_in),
-            ),
+            expires_at: Some(now + response.expires_in.unwrap_or(self.config.default_expires_in)),
             seed_fingerprint: chain.seed_fingerprint,
             updated_at: now,
         };
@@ -428,23 +428,19 @@ impl Integration {
             status.last_refresh_at = Some(now);
         }
         // Persist the rotated refresh token before publishing the access token:
-        // the provider may already have revoked the old one.
+        // the provider may already have revoked the old one. If the write fails,
+        // keep the chain in memory for the next attempt to write.
         let saved = entry.clone();
-        if let Err(error) = self
-            .blocking(move |store, name| store.save(name, &saved))
-            .await
-        {
+        if let Err(error) = self.blocking(move |store, name| store.save(name, &saved)).await {
             *lock(&self.unsaved) = Some(entry);
             return Err(error);
         }
-        *lock(&self.unsaved) = None;
         Ok(self.publish(&entry))
     }
 
     /// Which refresh token to use: the stored chain when it grew from the config's
     /// current refresh token (or from `authorize`), else the config's token.
     fn chain(&self, stored: Option<Entry>) -> Result<Chain, RefreshError> {
-        let stored = lock(&self.unsaved).clone().or(stored);
         let config_seed = self.config.refresh_token.as_ref().map(state::fingerprint);
         match (stored, &self.config.refresh_token) {
             (Some(entry), _) if config_seed.is_none() || entry.seed_fingerprint == config_seed => {
