@@ -204,15 +204,18 @@ pub fn parse(
     let mut value: toml::Value = toml::from_str::<toml::Table>(text)
         .map(toml::Value::Table)
         .map_err(|e| syntax(describe_toml_error(text, &e)))?;
-    expand::expand_all(&mut value, env).map_err(|(key, err)| ConfigError::Invalid {
-        path: path.to_owned(),
-        key,
-        message: match err {
-            expand::ExpandError::Missing(var) => format!("environment variable {var} is not set"),
-            expand::ExpandError::Unterminated => "\"${\" without a closing \"}\"".into(),
-        },
-    })?;
-    let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+    let substituted =
+        expand::expand_all(&mut value, env).map_err(|(key, err)| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            message: match err {
+                expand::ExpandError::Missing(var) => {
+                    format!("environment variable {var} is not set")
+                }
+                expand::ExpandError::Unterminated => "\"${\" without a closing \"}\"".into(),
+            },
+        })?;
+    let raw: Result<RawConfig, _> = serde_path_to_error::deserialize(value).map_err(|e| {
         let key = e.path().to_string();
         ConfigError::Invalid {
             path: path.to_owned(),
@@ -230,8 +233,27 @@ pub fn parse(
                 .unwrap_or_default()
                 .to_owned(),
         }
-    })?;
-    Validator { path }.config(raw)
+    });
+    raw.and_then(|raw| Validator { path }.config(raw))
+        .map_err(|error| redact(error, &substituted))
+}
+
+/// Errors quote bad values; a value that came from `${VAR}` may be a secret
+/// (a token pasted into the wrong variable), so it is shown by name only.
+fn redact(error: ConfigError, substituted: &[String]) -> ConfigError {
+    match error {
+        ConfigError::Invalid {
+            path,
+            key,
+            mut message,
+        } => {
+            for value in substituted.iter().filter(|v| v.len() >= 4) {
+                message = message.replace(value.as_str(), "[value from the environment]");
+            }
+            ConfigError::Invalid { path, key, message }
+        }
+        other => other,
+    }
 }
 
 /// One line for a TOML syntax error: the message and where it is.
@@ -842,6 +864,10 @@ upstream = "https://content.dropboxapi.com"
                 "unknown field `admn`",
             ),
             ("[proxy\n".into(), "TOML syntax error at line 1"),
+            (
+                with("refresh_skew = \"${SECRET}\""),
+                "integrations.box.refresh_skew: \"[value from the environment]\" is not a duration",
+            ),
         ];
         for (text, want) in cases {
             let err = error_of(&text);

@@ -133,12 +133,12 @@ async fn wait_for_stop_signal() -> Result<(), Error> {
     Ok(())
 }
 
-/// Logs go to stderr. One-shot commands log warnings only, so their stdout and
-/// stderr stay readable; `RUST_LOG` overrides.
+/// Logs go to stderr. One-shot commands log errors only: what failed is their
+/// result, printed once; `RUST_LOG` overrides.
 fn init_logging(command: &Command) {
     let default = match command {
         Command::Run | Command::Demo { .. } => "info",
-        Command::Check | Command::Token { .. } | Command::Ca(_) => "warn",
+        Command::Check | Command::Token { .. } | Command::Ca(_) => "error",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));

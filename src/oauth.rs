@@ -19,6 +19,8 @@ use crate::tls::{self, TlsError};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const TOTAL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longer lifetimes are taken as a year: no clock arithmetic overflows.
+const MAX_EXPIRES_IN_SECS: u64 = 365 * 24 * 3600;
 /// Token responses are small; anything larger is not a token response.
 const MAX_BODY: usize = 64 * 1024;
 
@@ -272,13 +274,14 @@ fn classify(status: StatusCode, code: Option<&str>) -> Failure {
 }
 
 /// Accepts `expires_in` as a number or a numeric string (some providers send one).
+/// Absurd values are capped, so no clock arithmetic can overflow.
 fn parse_expires_in(value: &serde_json::Value) -> Option<Duration> {
     let secs = match value {
         serde_json::Value::Number(n) => n.as_u64(),
         serde_json::Value::String(s) => s.trim().parse().ok(),
         _ => None,
     }?;
-    Some(Duration::from_secs(secs))
+    Some(Duration::from_secs(secs.min(MAX_EXPIRES_IN_SECS)))
 }
 
 /// Provider text we echo in errors: bounded, printable, and with any of our
@@ -385,5 +388,9 @@ mod tests {
             Some(Duration::from_secs(60))
         );
         assert_eq!(parse_expires_in(&serde_json::json!(-1)), None);
+        assert_eq!(
+            parse_expires_in(&serde_json::json!(10_u64.pow(13))),
+            Some(Duration::from_secs(MAX_EXPIRES_IN_SECS))
+        );
     }
 }

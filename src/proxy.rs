@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use base64::Engine;
 use http::uri::Scheme;
-use http::{HeaderValue, Method, Request, Response, header};
+use http::{Method, Request, Response, header};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -43,8 +43,8 @@ pub struct Proxy {
     route_configs: Vec<Route>,
     injectors: Vec<Injector>,
     unrouted: Unrouted,
-    /// The exact `Proxy-Authorization` value clients must send, if any.
-    auth: Option<HeaderValue>,
+    /// The base64 credentials clients must send with `Proxy-Authorization: Basic`.
+    auth: Option<String>,
     upstream: Upstream,
     leaves: LeafCache,
     shutdown: Shutdown,
@@ -70,10 +70,9 @@ impl Proxy {
                 Injector::new(route, integration)
             })
             .collect();
-        let auth = config.proxy.auth.as_ref().and_then(|auth| {
+        let auth = config.proxy.auth.as_ref().map(|auth| {
             let pair = format!("{}:{}", auth.username, auth.password.expose());
-            let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
-            HeaderValue::from_str(&format!("Basic {encoded}")).ok()
+            base64::engine::general_purpose::STANDARD.encode(pair)
         });
         Self {
             routes: RouteTable::new(config.routes.iter().map(|r| &r.host)),
@@ -208,41 +207,48 @@ impl Proxy {
         let Some(expected) = &self.auth else {
             return Ok(());
         };
-        let sent = request.headers().get(header::PROXY_AUTHORIZATION);
-        match sent {
+        // The scheme is case-insensitive (RFC 9110 §11.1); the credentials are not.
+        let credentials = request
+            .headers()
+            .get(header::PROXY_AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"))
+            .map(|(_, credentials)| credentials.trim());
+        match credentials {
             Some(sent) if constant_time_eq(sent.as_bytes(), expected.as_bytes()) => Ok(()),
             _ => Err(ProxyError::AuthRequired),
         }
     }
 }
 
-/// The host a request inside a tunnel names (`Host` or `:authority`) must be
-/// the CONNECT host: credentials are bound to it.
+/// Every host a request inside a tunnel names (`:authority`/absolute-form and
+/// `Host`) must be the CONNECT host: credentials are bound to it.
 fn check_tunnel_host(request: &Request<Incoming>, host: &str, port: u16) -> Result<(), ProxyError> {
-    let named = request
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            request
-                .headers()
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        })
-        .ok_or_else(|| ProxyError::BadRequest("request without a Host header".into()))?;
-    let authority: http::uri::Authority = named
-        .parse()
-        .map_err(|_| ProxyError::BadRequest(format!("invalid Host {named:?}")))?;
-    let same_host = routes::normalize(authority.host()) == host;
-    let same_port = authority.port_u16().is_none_or(|p| p == port);
-    if same_host && same_port {
-        Ok(())
-    } else {
-        Err(ProxyError::HostMismatch(format!(
-            "this tunnel is for {host}:{port}, not {named}; open a new CONNECT"
-        )))
+    let from_uri = request.uri().authority().map(|a| a.as_str());
+    let from_header = request
+        .headers()
+        .get(header::HOST)
+        .map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    if from_uri.is_none() && from_header.is_none() {
+        return Err(ProxyError::BadRequest(
+            "request without a Host header".into(),
+        ));
     }
+    for named in from_uri.into_iter().chain(from_header) {
+        let matches = named
+            .parse::<http::uri::Authority>()
+            .is_ok_and(|authority| {
+                routes::normalize(authority.host()) == host
+                    && authority.port_u16().is_none_or(|p| p == port)
+            });
+        if !matches {
+            return Err(ProxyError::HostMismatch(format!(
+                "this tunnel is for {host}:{port}, not {named}; open a new CONNECT"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

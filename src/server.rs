@@ -111,7 +111,7 @@ where
 }
 
 /// Resolves once shutdown is signalled (or the trigger is gone).
-async fn stopped(signal: &mut watch::Receiver<bool>) {
+pub async fn stopped(signal: &mut watch::Receiver<bool>) {
     // Not `wait_for`: its guard is not `Send`, and these futures move between threads.
     while !*signal.borrow_and_update() {
         if signal.changed().await.is_err() {

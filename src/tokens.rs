@@ -28,7 +28,7 @@ use crate::state::{self, Entry, StateError, StateStore};
 
 /// How long a request with no valid token waits for a refresh before its 503.
 pub const ON_DEMAND_WAIT: Duration = Duration::from_secs(10);
-/// On-demand refreshes after a failure: at most one per this interval.
+/// On-demand refreshes: at most one per this interval.
 const ON_DEMAND_INTERVAL: Duration = Duration::from_secs(1);
 /// Forced refreshes (an upstream 401): at most one per this interval, so an API
 /// that rejects every token cannot make us hammer the provider.
@@ -327,22 +327,21 @@ impl Integration {
     fn skip(&self, reason: Reason, flight: &mut Flight) -> Option<Outcome> {
         let now = OffsetDateTime::now_utc();
         let current = self.current.load_full();
-        let recent_failure = || match (&flight.last, flight.last_finished) {
-            (Some(Err(error)), Some(at))
-                if error.is_permanent() || at.elapsed() < ON_DEMAND_INTERVAL =>
-            {
-                Some(Err(error.clone()))
-            }
+        // On-demand refreshes: at most one per interval, whatever the outcome, so
+        // neither a failing provider nor one issuing already-expired tokens is hammered.
+        let recent = || match (&flight.last, flight.last_finished) {
+            (Some(Err(error)), _) if error.is_permanent() => Some(Err(error.clone())),
+            (Some(outcome), Some(at)) if at.elapsed() < ON_DEMAND_INTERVAL => Some(outcome.clone()),
             _ => None,
         };
         match reason {
             Reason::Missing => match current {
                 Some(s) if s.is_valid(now) => Some(Ok(s)),
-                _ => recent_failure(),
+                _ => recent(),
             },
             Reason::Due => match current {
                 Some(s) if !self.is_due(&s, now) => Some(Ok(s)),
-                _ => recent_failure(),
+                _ => recent(),
             },
             Reason::Scheduled { generation } => {
                 current.filter(|s| s.generation != generation).map(Ok)
@@ -382,9 +381,6 @@ impl Integration {
         let outcome = self.exchange_locked(adopt).await;
         match &outcome {
             Ok(snapshot) => {
-                let mut status = self.lock_status();
-                status.health = Health::Ok;
-                status.last_error = None;
                 tracing::info!(
                     integration = %self.name(),
                     expires_in = (snapshot.expires_at - OffsetDateTime::now_utc()).whole_seconds(),
@@ -402,7 +398,8 @@ impl Integration {
         // else; until it does, nothing from it is used.
         let unsaved = lock(&self.unsaved).clone();
         if let Some(entry) = unsaved {
-            self.blocking(move |store, name| store.save(name, &entry)).await?;
+            self.blocking(move |store, name| store.save(name, &entry))
+                .await?;
             *lock(&self.unsaved) = None;
         }
         let stored = self.blocking(|store, name| store.load(name)).await?;
@@ -412,13 +409,20 @@ impl Integration {
             // Another process refreshed while we waited for the lock.
             return Ok(self.publish(entry));
         }
-        let response = self.client.refresh(&self.config, &chain.refresh_token).await?;
+        let response = self
+            .client
+            .refresh(&self.config, &chain.refresh_token)
+            .await?;
         let now = OffsetDateTime::now_utc();
         let entry = Entry {
             refresh_token: response.refresh_token.unwrap_or(chain.refresh_token),
             access_token: Some(response.access_token),
             token_type: Some(response.token_type),
-            expires_at: Some(now + response.expires_in.unwrap_or(self.config.default_expires_in)),
+            expires_at: Some(
+                now + response
+                    .expires_in
+                    .unwrap_or(self.config.default_expires_in),
+            ),
             seed_fingerprint: chain.seed_fingerprint,
             updated_at: now,
         };
@@ -431,7 +435,10 @@ impl Integration {
         // the provider may already have revoked the old one. If the write fails,
         // keep the chain in memory for the next attempt to write.
         let saved = entry.clone();
-        if let Err(error) = self.blocking(move |store, name| store.save(name, &saved)).await {
+        if let Err(error) = self
+            .blocking(move |store, name| store.save(name, &saved))
+            .await
+        {
             *lock(&self.unsaved) = Some(entry);
             return Err(error);
         }
@@ -489,6 +496,12 @@ impl Integration {
             expires_at: entry.expires_at.unwrap_or(entry.updated_at),
             generation,
         });
+        {
+            // Status first, so anyone woken by the publication sees `ok`.
+            let mut status = self.lock_status();
+            status.health = Health::Ok;
+            status.last_error = None;
+        }
         self.current.store(Some(snapshot.clone()));
         self.published.send_replace(generation);
         snapshot

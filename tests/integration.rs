@@ -7,3 +7,26 @@
 
 mod support;
 mod support_selftest;
+
+// Issue 3: the token lifecycle, one concern per module.
+mod commands;
+mod config_errors;
+mod crash;
+mod refresher;
+mod secrets;
+mod single_flight;
+mod state_file;
+
+// Issue 4: the proxy, driven by real clients against real servers on loopback.
+mod admin;
+mod proxy_clients;
+mod proxy_curl;
+mod proxy_errors;
+mod proxy_retry;
+mod proxy_shutdown;
+mod proxy_streaming;
+mod proxy_tunnel;
+mod upstream_selftest;
+
+// Issue 4: the one-command demo.
+mod demo;

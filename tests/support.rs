@@ -5,4 +5,9 @@
 
 pub mod ca;
 pub mod cli;
+pub mod client;
+pub mod fixture;
+pub mod proxy;
 pub mod token;
+pub mod upstream;
+pub mod wait;

@@ -183,10 +183,13 @@ mod tests {
             .with_no_client_auth();
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
         let acceptor = tokio_rustls::TlsAcceptor::from(first);
-        let server = tokio::spawn(async move { acceptor.accept(server_io).await.map(|_| ()) });
+        // The task returns the stream, so it stays open until both sides finished.
+        let server = tokio::spawn(async move { acceptor.accept(server_io).await });
         let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
         let name = rustls_pki_types::ServerName::try_from("api.example.test").unwrap();
-        connector.connect(name, client_io).await.unwrap();
-        server.await.unwrap().unwrap();
+        let client = connector.connect(name, client_io).await;
+        let server = server.await.unwrap();
+        server.unwrap();
+        client.unwrap();
     }
 }

@@ -12,18 +12,26 @@ pub enum ExpandError {
 
 /// Expands `${VAR}` in every string of `value`, depth first. `lookup` is the
 /// environment (a parameter so tests need not touch the process environment).
-/// On failure returns the dotted key path and the reason.
+/// Returns the values substituted (they may be secrets, so errors redact them),
+/// or on failure the dotted key path and the reason.
 pub fn expand_all(
     value: &mut Value,
     lookup: &dyn Fn(&str) -> Option<String>,
-) -> Result<(), (String, ExpandError)> {
-    walk(value, &mut String::new(), lookup)
+) -> Result<Vec<String>, (String, ExpandError)> {
+    let mut substituted = Vec::new();
+    let mut recording = |name: &str| {
+        let value = lookup(name)?;
+        substituted.push(value.clone());
+        Some(value)
+    };
+    walk(value, &mut String::new(), &mut recording)?;
+    Ok(substituted)
 }
 
 fn walk(
     value: &mut Value,
     path: &mut String,
-    lookup: &dyn Fn(&str) -> Option<String>,
+    lookup: &mut dyn FnMut(&str) -> Option<String>,
 ) -> Result<(), (String, ExpandError)> {
     match value {
         Value::String(s) if s.contains("${") => {
@@ -54,7 +62,10 @@ fn walk(
 }
 
 /// Expands one string. A `$` not followed by `{` is kept as is.
-pub fn expand(input: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, ExpandError> {
+pub fn expand(
+    input: &str,
+    lookup: &mut dyn FnMut(&str) -> Option<String>,
+) -> Result<String, ExpandError> {
     let mut out = String::with_capacity(input.len());
     let mut rest = input;
     while let Some(start) = rest.find("${") {
@@ -81,20 +92,20 @@ mod tests {
 
     #[test]
     fn expands_and_keeps_plain_dollars() {
-        assert_eq!(expand("a${KEY}b$c", &env).as_deref(), Ok("avb$c"));
+        assert_eq!(expand("a${KEY}b$c", &mut env).as_deref(), Ok("avb$c"));
     }
 
     #[test]
     fn missing_var_is_named() {
         assert_eq!(
-            expand("${NOPE}", &env),
+            expand("${NOPE}", &mut env),
             Err(ExpandError::Missing("NOPE".into()))
         );
     }
 
     #[test]
     fn unterminated_is_an_error() {
-        assert_eq!(expand("${KEY", &env), Err(ExpandError::Unterminated));
+        assert_eq!(expand("${KEY", &mut env), Err(ExpandError::Unterminated));
     }
 
     #[test]

@@ -50,9 +50,10 @@ pub async fn handle(
     }
     let upstream = proxy.upstream.connect_tcp(&host, port).await?;
     let upgrade = hyper::upgrade::on(request);
+    let signal = proxy.shutdown.signal();
     proxy.shutdown.spawn(async move {
         match upgrade.await {
-            Ok(upgraded) => tunnel::relay(TokioIo::new(upgraded), upstream).await,
+            Ok(upgraded) => tunnel::relay(TokioIo::new(upgraded), upstream, signal).await,
             Err(error) => tracing::debug!(%error, "CONNECT upgrade failed"),
         }
     });

@@ -89,6 +89,9 @@ pub async fn routed(
     };
     let (mut parts, body) = request.into_parts();
     inject::strip_hop_by_hop(&mut parts.headers);
+    // The upstream's Host comes from the target URI (RFC 9112 §3.2.2): a client's
+    // Host naming another host must never travel next to the credentials.
+    parts.headers.remove(http::header::HOST);
     let uri = target.uri(parts.uri.path_and_query())?;
     let mut body = RequestBody::read(body, injector.integration.is_some()).await?;
 
@@ -137,6 +140,7 @@ pub async fn unrouted(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (mut parts, body) = request.into_parts();
     inject::strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(http::header::HOST);
     let forwarded = build(
         &parts.method,
         &parts.uri,

@@ -12,11 +12,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response, Uri};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 
 use super::body::ProxyBody;
 use super::error::ProxyError;
@@ -56,8 +58,9 @@ impl Upstream {
         })
     }
 
-    /// Sends `request` (absolute URI) and waits for the response head, bounded
-    /// by the response timeout. The body then streams.
+    /// Sends `request` (absolute URI) and waits for the response head. The
+    /// response timeout starts once the request body is sent, so a slow upload
+    /// is not cut short. The response body then streams.
     pub async fn send(
         &self,
         request: Request<ProxyBody>,
@@ -67,10 +70,23 @@ impl Upstream {
             .authority()
             .map(|a| a.to_string())
             .unwrap_or_default();
-        match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(error)) => Err(classify(&authority, &error)),
-            Err(_) => Err(ProxyError::Timeout(format!(
+        let (sent, body_done) = oneshot::channel::<()>();
+        let request = request.map(|body| {
+            SignalOnDrop {
+                inner: body,
+                _sent: sent,
+            }
+            .boxed()
+        });
+        let response = self.client.request(request);
+        let deadline = async {
+            // Resolves when hyper drops the body: fully sent, or abandoned.
+            let _ = body_done.await;
+            tokio::time::sleep(self.response_timeout).await;
+        };
+        tokio::select! {
+            result = response => result.map_err(|error| classify(&authority, &error)),
+            () = deadline => Err(ProxyError::Timeout(format!(
                 "{authority} did not answer within {:?}",
                 self.response_timeout
             ))),
@@ -83,6 +99,32 @@ impl Upstream {
             .connect(host, port)
             .await
             .map_err(|e| connect_error(&format!("{host}:{port}"), &e))
+    }
+}
+
+/// A request body that tells `send` when hyper is done with it.
+struct SignalOnDrop {
+    inner: ProxyBody,
+    _sent: oneshot::Sender<()>,
+}
+
+impl http_body::Body for SignalOnDrop {
+    type Data = bytes::Bytes;
+    type Error = super::body::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -17,7 +17,7 @@ pub async fn run(integration: Arc<Integration>) {
         let (generation, wait) = match integration.current() {
             Some(s) => (
                 s.generation,
-                schedule::refresh_in(
+                schedule::scheduled_wait(
                     OffsetDateTime::now_utc(),
                     s.issued_at,
                     s.expires_at,

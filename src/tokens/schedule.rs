@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
+/// Scheduled refreshes of one integration are at least this far apart.
+pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
 pub const MIN_BACKOFF: Duration = Duration::from_secs(1);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// After a permanent failure (`invalid_grant`): retry rarely, in case someone
@@ -36,6 +38,22 @@ pub fn refresh_in(
 ) -> Duration {
     let due = expires_at - lead(issued_at, expires_at, skew, jitter);
     (due - now).try_into().unwrap_or(Duration::ZERO)
+}
+
+/// The refresher's wait: `refresh_in`, but never sooner than `MIN_INTERVAL`
+/// after the token was issued, so a provider answering `expires_in: 0` cannot
+/// drive it into a loop.
+pub fn scheduled_wait(
+    now: OffsetDateTime,
+    issued_at: OffsetDateTime,
+    expires_at: OffsetDateTime,
+    skew: Duration,
+    jitter: f64,
+) -> Duration {
+    let floor: Duration = (issued_at + MIN_INTERVAL - now)
+        .try_into()
+        .unwrap_or(Duration::ZERO);
+    refresh_in(now, issued_at, expires_at, skew, jitter).max(floor)
 }
 
 /// Back-off after the `failures`-th consecutive transient failure: doubling from
@@ -75,6 +93,25 @@ mod tests {
                 "{offset} {lifetime} {skew:?} {jitter}"
             );
         }
+    }
+
+    #[test]
+    fn scheduled_wait_is_at_least_the_minimum_interval_after_issue() {
+        let expired_at_once = T0;
+        assert_eq!(
+            scheduled_wait(T0, T0, expired_at_once, Duration::from_secs(60), 0.0),
+            MIN_INTERVAL
+        );
+        let later = T0 + time::Duration::seconds(5);
+        assert_eq!(
+            scheduled_wait(later, T0, expired_at_once, Duration::from_secs(60), 0.0),
+            Duration::ZERO
+        );
+        let hour = T0 + time::Duration::hours(1);
+        assert_eq!(
+            scheduled_wait(T0, T0, hour, Duration::from_secs(60), 0.0),
+            Duration::from_secs(3540)
+        );
     }
 
     #[test]

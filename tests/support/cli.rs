@@ -1,5 +1,6 @@
 //! Running the real `credproxy` binary: a temp directory with a config written by
-//! [`ConfigBuilder`], bounded runs capturing output, and leak checks on that output.
+//! [`ConfigBuilder`], bounded runs capturing output, and leak checks on that output: every
+//! run (and every spawned child collected with [`collect`]) is scanned for test secrets.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -111,9 +112,40 @@ impl TestDir {
             .unwrap_or_else(|e| panic!("state file {} is not JSON: {e}", path.display()))
     }
 
+    /// The state file's exact bytes; panics if missing.
+    pub fn state_bytes(&self) -> Vec<u8> {
+        let path = self.state_path();
+        std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+    }
+
+    /// Writes `bytes` as the state file (creating `state/`), as a previous run or a
+    /// damaged disk would have left it.
+    pub fn write_state(&self, bytes: &[u8]) {
+        let path = self.state_path();
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .unwrap_or_else(|e| panic!("creating {}: {e}", parent.display()));
+        }
+        std::fs::write(&path, bytes).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    }
+
+    /// The `refresh_token` stored for `integration`.
+    pub fn stored_refresh_token(&self, integration: &str) -> String {
+        let state = self.read_state();
+        state["integrations"][integration]["refresh_token"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no refresh_token for {integration} in {state}"))
+            .to_owned()
+    }
+
     /// Runs the binary with this directory as its working directory.
     pub async fn run(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         run_in(self.path(), args, env, RUN_TIMEOUT).await
+    }
+
+    /// Starts the binary here without waiting; finish with [`collect`].
+    pub fn spawn(&self, args: &[&str], env: &[(&str, &str)]) -> Child {
+        spawn(self.path(), args, env)
     }
 }
 
@@ -144,6 +176,58 @@ pub struct Output {
 impl Output {
     pub fn combined(&self) -> String {
         format!("{}{}", self.stdout, self.stderr)
+    }
+
+    /// stdout as one line (without the newline); panics if it is not exactly one line.
+    pub fn line(&self) -> &str {
+        let line = self.stdout.strip_suffix('\n').unwrap_or(&self.stdout);
+        assert!(
+            !line.is_empty() && !line.contains('\n'),
+            "expected one line on stdout\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.stdout,
+            self.stderr
+        );
+        line
+    }
+
+    /// stderr as one line: errors are "one clear sentence", never a backtrace.
+    pub fn error_line(&self) -> &str {
+        let line = self.stderr.strip_suffix('\n').unwrap_or(&self.stderr);
+        assert!(
+            !line.is_empty() && !line.contains('\n'),
+            "expected a one-line error on stderr\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.stdout,
+            self.stderr
+        );
+        line
+    }
+
+    /// The last line of stderr: the command's error, after any warnings logged on the way.
+    pub fn last_error_line(&self) -> &str {
+        self.stderr
+            .lines()
+            .last()
+            .unwrap_or_else(|| panic!("no error on stderr; stdout:\n{}", self.stdout))
+    }
+
+    /// Every run goes through this: no test secret in stderr, ever, nor on stdout, except
+    /// that `credproxy token` prints the access token (and nothing else) by design.
+    fn assert_no_leaks(&self, args: &[&str]) {
+        assert_no_secret_markers(&self.stderr);
+        if subcommand(args) == Some("token") {
+            let printed = self.stdout.trim_end_matches('\n');
+            let only_access_token = printed.is_empty()
+                || (printed.starts_with("at-SECRET-")
+                    && printed.matches("-SECRET-").count() == 1
+                    && !printed.contains(char::is_whitespace));
+            assert!(
+                only_access_token,
+                "`credproxy token` printed more than its access token:\n{}",
+                self.stdout
+            );
+        } else {
+            assert_no_secret_markers(&self.stdout);
+        }
     }
 
     /// Panics, showing both streams, unless the exit code is `code`.
@@ -188,15 +272,25 @@ pub async fn run_in(cwd: &Path, args: &[&str], env: &[(&str, &str)], timeout: Du
         .spawn()
         .unwrap_or_else(|e| panic!("spawning {}: {e}", bin().display()));
     // On timeout the future (and with it the child) is dropped, which kills it.
-    let output = tokio::time::timeout(timeout, child.wait_with_output())
+    tokio::time::timeout(timeout, collect(child, args))
         .await
         .unwrap_or_else(|_| panic!("credproxy {args:?} did not exit within {timeout:?}"))
+}
+
+/// Waits for a child started with [`spawn`] (finished, or killed by the test) and returns
+/// its output, scanned for leaked secrets like every [`run`].
+pub async fn collect(child: Child, args: &[&str]) -> Output {
+    let output = child
+        .wait_with_output()
+        .await
         .unwrap_or_else(|e| panic!("waiting for credproxy {args:?}: {e}"));
-    Output {
+    let output = Output {
         code: output.status.code(),
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    };
+    output.assert_no_leaks(args);
+    output
 }
 
 /// Starts a long-running command (e.g. `run`); stdout/stderr are piped for the test to read.
@@ -233,6 +327,21 @@ pub fn assert_no_secret_markers(text: &str) {
     if let Some(at) = text.find("-SECRET-") {
         panic!("a test secret leaked at byte {at} of:\n{text}");
     }
+}
+
+/// The subcommand of a command line such as `["-c", "x.toml", "token", "demo"]`.
+fn subcommand<'a>(args: &[&'a str]) -> Option<&'a str> {
+    let mut args = args.iter().copied();
+    while let Some(arg) = args.next() {
+        match arg {
+            "-c" | "--config" => {
+                args.next();
+            }
+            _ if arg.starts_with('-') => {}
+            _ => return Some(arg),
+        }
+    }
+    None
 }
 
 // === ConfigBuilder ===
@@ -416,6 +525,21 @@ impl ConfigBuilder {
     /// Writes the config to `dir/credproxy.toml`.
     pub fn write(&self, dir: &TestDir) -> PathBuf {
         dir.write_config(&self.build())
+    }
+
+    /// Writes the config and loads it in-process, for tests that drive the library
+    /// (`credproxy::commands::open_tokens`). `${VAR}`s come from [`env`](Self::env), not
+    /// from the test process's environment, which parallel tests share.
+    pub fn load(&self, dir: &TestDir) -> credproxy::config::Config {
+        let path = self.write(dir);
+        let env: Vec<(String, String)> = self
+            .env()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let lookup = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        credproxy::config::parse(&path, &self.build(), &lookup)
+            .unwrap_or_else(|e| panic!("test config does not load: {e}"))
     }
 }
 

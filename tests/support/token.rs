@@ -51,6 +51,9 @@ pub enum Failure {
     EmptyToken,
     /// 400 `invalid_grant` (counted in `invalid_grant_count`).
     InvalidGrant,
+    /// 400 `invalid_request` whose `error_description` quotes the presented refresh token
+    /// and client secret, as careless providers do: credproxy must not repeat them.
+    EchoSecrets,
 }
 
 pub struct TokenServer {
@@ -419,7 +422,7 @@ impl State {
             );
         }
         if let Some(failure) = self.failures.pop_front() {
-            return self.injected(failure);
+            return self.injected(failure, req);
         }
         let Some(fields) = &req.fields else {
             return Reply::error(
@@ -486,7 +489,11 @@ impl State {
 
     fn issue(&mut self, n: u64, refresh_token: Option<String>) -> Reply {
         let access_token = new_access_token(n);
-        let expires_at = Instant::now() + Duration::from_secs(self.expires_in);
+        // A lifetime past what `Instant` can hold (a test of absurd `expires_in`) never ends.
+        let now = Instant::now();
+        let expires_at = now
+            .checked_add(Duration::from_secs(self.expires_in))
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
         self.access_tokens.insert(access_token.clone(), expires_at);
         self.current_access_token = Some(access_token.clone());
         let mut body = json!({ "access_token": access_token, "token_type": "bearer" });
@@ -508,7 +515,7 @@ impl State {
         )
     }
 
-    fn injected(&mut self, failure: Failure) -> Reply {
+    fn injected(&mut self, failure: Failure, req: &RecordedRequest) -> Reply {
         match failure {
             Failure::Status500 => Reply::error(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -534,6 +541,21 @@ impl State {
                 json!({ "token_type": "bearer", "expires_in": self.expires_in }).to_string(),
             ),
             Failure::InvalidGrant => self.invalid_grant(),
+            Failure::EchoSecrets => {
+                let secret = req
+                    .basic_credentials()
+                    .map(|(_, secret)| secret)
+                    .or_else(|| req.field("client_secret").map(str::to_owned))
+                    .unwrap_or_default();
+                let refresh_token = req.field("refresh_token").unwrap_or_default();
+                Reply::error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    &format!(
+                        "refresh_token {refresh_token} is malformed for client secret {secret}"
+                    ),
+                )
+            }
         }
     }
 }
