@@ -54,6 +54,23 @@ pub struct Config {
     pub integrations: Vec<IntegrationConfig>,
     pub routes: Vec<Route>,
     pub sidecars: Vec<Sidecar>,
+    pub limits: Limits,
+}
+
+/// Bounds on what clients can make the proxy hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Open client connections (proxy and sidecar listeners together).
+    pub max_connections: usize,
+    /// Bytes of one request head (request line + headers).
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    /// A client must send a complete request head within this time; an
+    /// HTTP/1.1 keep-alive connection waiting for its next request is waiting
+    /// for a head too, so this is also the idle timeout.
+    pub header_read_timeout: Duration,
+    /// A blind tunnel with no bytes either way is closed after this.
+    pub tunnel_idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -92,7 +109,7 @@ pub struct StateConfig {
     pub path: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     pub extra_ca: Option<ExtraCa>,
     pub connect_timeout: Duration,
@@ -111,7 +128,7 @@ impl UpstreamConfig {
 }
 
 /// Certificates trusted for upstream TLS in addition to the system roots.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct ExtraCa {
     pub path: PathBuf,
     pub certs: Vec<CertificateDer<'static>>,
@@ -140,7 +157,7 @@ pub enum ClientAuth {
     Body,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct IntegrationConfig {
     pub name: String,
     pub client_id: String,
@@ -339,7 +356,57 @@ impl Validator<'_> {
             integrations,
             routes,
             sidecars,
+            limits: self.limits(raw.limits)?,
         })
+    }
+
+    fn limits(&self, raw: RawLimits) -> Result<Limits, ConfigError> {
+        let positive = |key: &str, value: Option<usize>, default: usize| match value {
+            Some(0) => Err(self.err(key, "must be at least 1")),
+            value => Ok(value.unwrap_or(default)),
+        };
+        let max_header_bytes = positive(
+            "limits.max_header_bytes",
+            raw.max_header_bytes,
+            DEFAULT_MAX_HEADER_BYTES,
+        )?;
+        if max_header_bytes < 8192 {
+            return Err(self.err("limits.max_header_bytes", "must be at least 8192"));
+        }
+        Ok(Limits {
+            max_connections: positive(
+                "limits.max_connections",
+                raw.max_connections,
+                DEFAULT_MAX_CONNECTIONS,
+            )?,
+            max_header_bytes,
+            max_headers: positive("limits.max_headers", raw.max_headers, DEFAULT_MAX_HEADERS)?,
+            header_read_timeout: self.duration(
+                "limits.header_read_timeout",
+                raw.header_read_timeout,
+                DEFAULT_HEADER_READ_TIMEOUT,
+            )?,
+            tunnel_idle_timeout: self.duration(
+                "limits.tunnel_idle_timeout",
+                raw.tunnel_idle_timeout,
+                DEFAULT_TUNNEL_IDLE_TIMEOUT,
+            )?,
+        })
+    }
+
+    /// A non-zero duration at `key`, or `default`.
+    fn duration(
+        &self,
+        key: &str,
+        value: Option<String>,
+        default: &str,
+    ) -> Result<Duration, ConfigError> {
+        let text = value.as_deref().unwrap_or(default);
+        match duration::parse(text) {
+            Ok(d) if !d.is_zero() => Ok(d),
+            Ok(_) => Err(self.err(key, "must be longer than zero")),
+            Err(message) => Err(self.err(key, message)),
+        }
     }
 
     fn proxy(&self, raw: RawProxy) -> Result<ProxyConfig, ConfigError> {
@@ -410,29 +477,15 @@ impl Validator<'_> {
             })?;
             resolve.insert(format!("{}:{port}", routes::normalize(host)), addr);
         }
-        let duration = |key: &str, value: Option<String>, default: &str| {
-            duration::parse(value.as_deref().unwrap_or(default))
-                .ok()
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| {
-                    self.err(
-                        key,
-                        format!(
-                            "{:?} is not a non-zero duration like \"10s\"",
-                            value.as_deref().unwrap_or(default)
-                        ),
-                    )
-                })
-        };
         Ok(UpstreamConfig {
             extra_ca,
             resolve,
-            connect_timeout: duration(
+            connect_timeout: self.duration(
                 "upstream.connect_timeout",
                 raw.connect_timeout,
                 DEFAULT_CONNECT_TIMEOUT,
             )?,
-            response_timeout: duration(
+            response_timeout: self.duration(
                 "upstream.response_timeout",
                 raw.response_timeout,
                 DEFAULT_RESPONSE_TIMEOUT,

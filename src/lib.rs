@@ -15,7 +15,8 @@
 //! - `app`: `credproxy run` — refreshers, proxy and admin listener, graceful stop.
 //! - `proxy` (+ `proxy/`): the forward proxy: CONNECT interception or tunnel,
 //!   injection, upstream pool, 401 retry, error responses.
-//! - `admin`: health, readiness, integration status, forced refresh.
+//! - `admin`: health, readiness, integration status, forced refresh, metrics, reload.
+//! - `metrics`: Prometheus counters, histograms and gauges.
 //! - `server`: accept loops and graceful shutdown.
 //! - `demo`: the demo OAuth and API servers behind `credproxy demo`.
 
@@ -27,6 +28,7 @@ pub mod commands;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod metrics;
 pub mod oauth;
 pub mod proxy;
 pub mod routes;

@@ -1,6 +1,10 @@
 //! The forward proxy: one entry point per request. It checks proxy
 //! authentication (407), then dispatches: CONNECT to `connect`, absolute-form
 //! plain HTTP to `forward`. Everything else is a 400.
+//!
+//! What a reload may change (routes, credentials, proxy settings, upstream
+//! trust) lives in one `Routing`, swapped whole; each request and each tunnel
+//! keeps the `Routing` it started with until it finishes.
 
 pub mod body;
 mod connect;
@@ -8,8 +12,10 @@ pub mod error;
 mod forward;
 mod inject;
 mod mitm;
+mod observe;
 mod prefixed;
 mod retry;
+pub mod sidecar;
 mod tunnel;
 pub mod upstream;
 
@@ -17,6 +23,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use base64::Engine;
 use http::uri::Scheme;
 use http::{Method, Request, Response, header};
@@ -30,177 +37,96 @@ pub use body::ProxyBody;
 use error::ProxyError;
 use forward::Target;
 use inject::Injector;
+pub use observe::Observed;
 use upstream::Upstream;
 
 use crate::ca::mint::LeafCache;
-use crate::config::{Config, Route, Unrouted};
+use crate::config::{Config, Limits, Route, Unrouted, UpstreamConfig};
+use crate::metrics::{self, Metrics, RouteMetrics};
 use crate::routes::{self, RouteTable};
 use crate::server::{self, Shutdown};
+use crate::tls::TlsError;
 use crate::tokens::Tokens;
 
 pub struct Proxy {
-    routes: RouteTable,
-    route_configs: Vec<Route>,
-    injectors: Vec<Injector>,
-    unrouted: Unrouted,
-    /// The base64 credentials clients must send with `Proxy-Authorization: Basic`.
-    auth: Option<String>,
-    upstream: Upstream,
+    routing: ArcSwap<Routing>,
     leaves: LeafCache,
     shutdown: Shutdown,
+    metrics: Arc<Metrics>,
+    limits: Limits,
 }
 
-impl Proxy {
-    pub fn new(
+/// Everything a reload replaces.
+pub struct Routing {
+    table: RouteTable,
+    routes: Vec<ActiveRoute>,
+    unrouted: Unrouted,
+    unrouted_metrics: RouteMetrics,
+    /// The base64 credentials clients must send with `Proxy-Authorization: Basic`.
+    auth: Option<String>,
+    upstream: Arc<Upstream>,
+    upstream_config: UpstreamConfig,
+}
+
+/// A route at run time: its config, its credentials and its counters.
+pub struct ActiveRoute {
+    pub config: Route,
+    /// The route's host pattern, for logs and metric labels.
+    pub name: Arc<str>,
+    injector: Injector,
+    metrics: RouteMetrics,
+}
+
+impl Routing {
+    /// Builds the table for `config`; keeps `previous`'s upstream pool when the
+    /// upstream settings did not change.
+    fn new(
         config: &Config,
         tokens: &Tokens,
-        upstream: Upstream,
-        leaves: LeafCache,
-        shutdown: Shutdown,
-    ) -> Self {
-        let injectors = config
+        metrics: &Metrics,
+        previous: Option<&Routing>,
+    ) -> Result<Self, TlsError> {
+        let upstream = match previous {
+            Some(previous) if previous.upstream_config == config.upstream => {
+                previous.upstream.clone()
+            }
+            _ => Arc::new(Upstream::new(&config.upstream)?),
+        };
+        let routes = config
             .routes
             .iter()
             .map(|route| {
+                let name: Arc<str> = route.host.to_string().into();
                 let integration = route
                     .integration
                     .as_deref()
-                    .and_then(|name| tokens.get(name))
+                    .and_then(|n| tokens.get(n))
                     .cloned();
-                Injector::new(route, integration)
+                ActiveRoute {
+                    config: route.clone(),
+                    injector: Injector::new(route, integration),
+                    metrics: metrics.route(&name),
+                    name,
+                }
             })
             .collect();
         let auth = config.proxy.auth.as_ref().map(|auth| {
             let pair = format!("{}:{}", auth.username, auth.password.expose());
             base64::engine::general_purpose::STANDARD.encode(pair)
         });
-        Self {
-            routes: RouteTable::new(config.routes.iter().map(|r| &r.host)),
-            route_configs: config.routes.clone(),
-            injectors,
+        Ok(Self {
+            table: RouteTable::new(config.routes.iter().map(|r| &r.host)),
+            routes,
             unrouted: config.proxy.unrouted,
+            unrouted_metrics: metrics.route(metrics::UNROUTED),
             auth,
             upstream,
-            leaves,
-            shutdown,
-        }
+            upstream_config: config.upstream.clone(),
+        })
     }
 
-    fn route(&self, index: usize) -> &Route {
-        &self.route_configs[index]
-    }
-
-    /// Serves one client connection (HTTP/1.1, with CONNECT upgrades).
-    pub async fn serve_connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
-        let signal = self.shutdown.signal();
-        let service = service_fn(move |request| {
-            let proxy = self.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(request, peer).await) }
-        });
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(server::HEADER_READ_TIMEOUT)
-            .serve_connection(TokioIo::new(stream), service)
-            .with_upgrades();
-        if let Err(error) =
-            server::until_shutdown(connection, signal, |c| c.graceful_shutdown()).await
-        {
-            tracing::debug!(%peer, %error, "client connection closed with an error");
-        }
-    }
-
-    async fn handle(
-        self: Arc<Self>,
-        request: Request<Incoming>,
-        peer: SocketAddr,
-    ) -> Response<ProxyBody> {
-        let start = Instant::now();
-        let method = request.method().clone();
-        let host = request
-            .uri()
-            .host()
-            .map(routes::normalize)
-            .unwrap_or_default();
-        let response = self
-            .dispatch(request)
-            .await
-            .unwrap_or_else(ProxyError::into_response);
-        let route = self
-            .routes
-            .lookup(&host)
-            .map(|i| self.route(i).host.to_string());
-        log_request(
-            &method,
-            &host,
-            route.as_deref(),
-            response.status(),
-            start,
-            Some(peer),
-        );
-        response
-    }
-
-    async fn dispatch(
-        self: &Arc<Self>,
-        request: Request<Incoming>,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        self.authorize(&request)?;
-        if request.method() == Method::CONNECT {
-            return connect::handle(self.clone(), request).await;
-        }
-        let uri = request.uri();
-        let (Some(scheme), Some(host)) = (uri.scheme(), uri.host()) else {
-            return Err(ProxyError::BadRequest(
-                "not a proxy request: send an absolute URL (GET http://host/path) or CONNECT"
-                    .into(),
-            ));
-        };
-        if *scheme != Scheme::HTTP {
-            return Err(ProxyError::BadRequest(format!(
-                "only http:// URLs can be forwarded; use CONNECT for {scheme}://"
-            )));
-        }
-        let host = routes::normalize(host);
-        match self.routes.lookup(&host) {
-            Some(index) => {
-                let target = Target::plain(self.route(index), host, uri.port_u16());
-                forward::routed(&self.upstream, &self.injectors[index], &target, request).await
-            }
-            None if self.unrouted == Unrouted::Deny => Err(ProxyError::Denied(format!(
-                "{host} has no route and proxy.unrouted is \"deny\""
-            ))),
-            None => forward::unrouted(&self.upstream, request).await,
-        }
-    }
-
-    /// A request inside an intercepted tunnel to `host:port`.
-    async fn intercepted(
-        &self,
-        route: usize,
-        host: &str,
-        port: u16,
-        target: &Target,
-        request: Request<Incoming>,
-    ) -> Response<ProxyBody> {
-        let start = Instant::now();
-        let method = request.method().clone();
-        let result = match check_tunnel_host(&request, host, port) {
-            Ok(()) => {
-                forward::routed(&self.upstream, &self.injectors[route], target, request).await
-            }
-            Err(error) => Err(error),
-        };
-        let response = result.unwrap_or_else(ProxyError::into_response);
-        let route_name = self.route(route).host.to_string();
-        log_request(
-            &method,
-            host,
-            Some(&route_name),
-            response.status(),
-            start,
-            None,
-        );
-        response
+    fn lookup(&self, host: &str) -> Option<&ActiveRoute> {
+        self.table.lookup(host).map(|index| &self.routes[index])
     }
 
     fn authorize(&self, request: &Request<Incoming>) -> Result<(), ProxyError> {
@@ -219,6 +145,145 @@ impl Proxy {
             Some(sent) if constant_time_eq(sent.as_bytes(), expected.as_bytes()) => Ok(()),
             _ => Err(ProxyError::AuthRequired),
         }
+    }
+}
+
+impl Proxy {
+    pub fn new(
+        config: &Config,
+        tokens: &Tokens,
+        leaves: LeafCache,
+        metrics: Arc<Metrics>,
+        shutdown: Shutdown,
+    ) -> Result<Self, TlsError> {
+        let routing = Routing::new(config, tokens, &metrics, None)?;
+        Ok(Self {
+            routing: ArcSwap::from_pointee(routing),
+            leaves,
+            shutdown,
+            metrics,
+            limits: config.limits.clone(),
+        })
+    }
+
+    /// Swaps in the routes and settings of `config`; requests in flight finish
+    /// on the table they started with.
+    pub fn reload(&self, config: &Config, tokens: &Tokens) -> Result<(), TlsError> {
+        let routing = Routing::new(config, tokens, &self.metrics, Some(&self.routing.load()))?;
+        self.routing.store(Arc::new(routing));
+        Ok(())
+    }
+
+    /// Serves one client connection (HTTP/1.1, with CONNECT upgrades).
+    pub async fn serve_connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let signal = self.shutdown.signal();
+        let builder = self.http1_builder();
+        let service = service_fn(move |request| {
+            let proxy = self.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(request, peer).await) }
+        });
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        if let Err(error) =
+            server::until_shutdown(connection, signal, |c| c.graceful_shutdown()).await
+        {
+            tracing::debug!(%peer, %error, "client connection closed with an error");
+        }
+    }
+
+    fn http1_builder(&self) -> hyper::server::conn::http1::Builder {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.limits.header_read_timeout)
+            .max_buf_size(self.limits.max_header_bytes)
+            .max_headers(self.limits.max_headers);
+        builder
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<Observed> {
+        let start = Instant::now();
+        let routing = self.routing.load_full();
+        let method = request.method().clone();
+        let host = request
+            .uri()
+            .host()
+            .map(routes::normalize)
+            .unwrap_or_default();
+        let route = routing.lookup(&host);
+        let response = self
+            .dispatch(&routing, route, request)
+            .await
+            .unwrap_or_else(ProxyError::into_response);
+        let (name, metrics) = match route {
+            Some(route) => (route.name.clone(), &route.metrics),
+            None => (Arc::from("-"), &routing.unrouted_metrics),
+        };
+        metrics.record(response.status());
+        Observed::new(
+            response,
+            observe::Line::new(method, host, name, start, Some(peer)),
+        )
+    }
+
+    async fn dispatch(
+        self: &Arc<Self>,
+        routing: &Arc<Routing>,
+        route: Option<&ActiveRoute>,
+        request: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        routing.authorize(&request)?;
+        if request.method() == Method::CONNECT {
+            return connect::handle(self.clone(), routing.clone(), request).await;
+        }
+        let uri = request.uri();
+        let (Some(scheme), Some(host)) = (uri.scheme(), uri.host()) else {
+            return Err(ProxyError::BadRequest(
+                "not a proxy request: send an absolute URL (GET http://host/path) or CONNECT"
+                    .into(),
+            ));
+        };
+        if *scheme != Scheme::HTTP {
+            return Err(ProxyError::BadRequest(format!(
+                "only http:// URLs can be forwarded; use CONNECT for {scheme}://"
+            )));
+        }
+        match route {
+            Some(route) => {
+                let target = Target::plain(&route.config, routes::normalize(host), uri.port_u16());
+                forward::routed(&routing.upstream, route, &target, request).await
+            }
+            None if routing.unrouted == Unrouted::Deny => Err(ProxyError::Denied(format!(
+                "{} has no route and proxy.unrouted is \"deny\"",
+                routes::normalize(host)
+            ))),
+            None => forward::unrouted(&routing.upstream, request).await,
+        }
+    }
+
+    /// A request inside an intercepted tunnel to `host:port`.
+    async fn intercepted(
+        &self,
+        routing: &Routing,
+        route: &ActiveRoute,
+        tunnel: &mitm::Tunnel,
+        request: Request<Incoming>,
+    ) -> Response<Observed> {
+        let start = Instant::now();
+        let method = request.method().clone();
+        let result = match check_tunnel_host(&request, &tunnel.host, tunnel.port) {
+            Ok(()) => forward::routed(&routing.upstream, route, &tunnel.target, request).await,
+            Err(error) => Err(error),
+        };
+        let response = result.unwrap_or_else(ProxyError::into_response);
+        route.metrics.record(response.status());
+        let line = observe::Line::new(method, tunnel.host.clone(), route.name.clone(), start, None);
+        Observed::new(response, line)
     }
 }
 
@@ -251,25 +316,6 @@ fn check_tunnel_host(request: &Request<Incoming>, host: &str, port: u16) -> Resu
     Ok(())
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn log_request(
-    method: &Method,
-    host: &str,
-    route: Option<&str>,
-    status: http::StatusCode,
-    start: Instant,
-    peer: Option<SocketAddr>,
-) {
-    // Never the path or query: they can carry secrets.
-    let latency = format_args!("{:.1}ms", start.elapsed().as_secs_f64() * 1000.0);
-    let route = route.unwrap_or("-");
-    let status = status.as_u16();
-    match peer {
-        Some(client) => tracing::info!(%method, host, route, status, %latency, %client, "request"),
-        // Inside an intercepted tunnel: the CONNECT line already named the client.
-        None => tracing::info!(%method, host, route, status, %latency, "request"),
-    }
 }

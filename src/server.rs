@@ -3,14 +3,17 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 
-/// Slow or silent clients are cut after this long without a full request head.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+use crate::metrics::GaugeGuard;
 
 /// The stop signal and the tasks that must finish before the process exits.
 #[derive(Clone)]
@@ -64,9 +67,46 @@ impl ShutdownTrigger {
     }
 }
 
-/// Accepts connections until shutdown, each handled on its own task.
-pub async fn accept_loop<F, Fut>(listener: TcpListener, shutdown: Shutdown, on_connection: F)
-where
+/// At most `max` connections at once; the rest are refused, not queued.
+#[derive(Clone)]
+pub struct Admission {
+    permits: Arc<Semaphore>,
+    open: Gauge,
+    refused: Counter,
+}
+
+/// One admitted connection; dropping it frees its place.
+pub struct Admitted {
+    _permit: OwnedSemaphorePermit,
+    _open: GaugeGuard,
+}
+
+impl Admission {
+    pub fn new(max: usize, open: Gauge, refused: Counter) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(max)),
+            open,
+            refused,
+        }
+    }
+
+    fn admit(&self) -> Option<Admitted> {
+        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        Some(Admitted {
+            _permit: permit,
+            _open: GaugeGuard::new(self.open.clone()),
+        })
+    }
+}
+
+/// Accepts connections until shutdown, each handled on its own task while
+/// `admission` has room for it.
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    shutdown: Shutdown,
+    admission: Admission,
+    on_connection: F,
+) where
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
@@ -74,10 +114,17 @@ where
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    shutdown.spawn(on_connection(stream, peer));
-                }
+                Ok((stream, peer)) => match admission.admit() {
+                    Some(admitted) => {
+                        let _ = stream.set_nodelay(true);
+                        let connection = on_connection(stream, peer);
+                        shutdown.spawn(async move {
+                            connection.await;
+                            drop(admitted);
+                        });
+                    }
+                    None => refuse(stream, &admission),
+                },
                 Err(error) => {
                     // Out of file descriptors and the like: back off briefly
                     // instead of spinning on a failing accept.
@@ -89,6 +136,17 @@ where
         }
     }
 }
+
+/// Tells an HTTP client why (best effort, never blocking) and closes.
+fn refuse(stream: TcpStream, admission: &Admission) {
+    admission.refused.inc();
+    tracing::debug!("connection refused: limits.max_connections reached");
+    let _ = stream.try_write(REFUSED);
+}
+
+const REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+x-credproxy-error: too_many_connections\r\nconnection: close\r\ncontent-length: 92\r\n\r\n\
+{\"error\":\"too_many_connections\",\"message\":\"limits.max_connections reached; try again later\"}";
 
 /// Drives `connection` to completion; on shutdown, calls `begin_shutdown`
 /// (hyper's `graceful_shutdown`), so in-flight requests finish and then the

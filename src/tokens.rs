@@ -11,6 +11,7 @@
 pub mod refresh;
 pub mod schedule;
 
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -72,6 +73,9 @@ pub struct Status {
     pub last_refresh_at: Option<OffsetDateTime>,
     pub last_error: Option<String>,
     pub refresh_count: u64,
+    /// Failed refresh attempts, for metrics.
+    #[serde(skip)]
+    pub failure_count: u64,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -161,12 +165,33 @@ impl Tokens {
     }
 
     /// Starts one background refresher per integration.
-    pub fn spawn_refreshers(&self) -> tokio::task::JoinSet<()> {
-        let mut set = tokio::task::JoinSet::new();
-        for integration in &self.integrations {
-            set.spawn(refresh::run(integration.clone()));
-        }
-        set
+    pub fn spawn_refreshers(&self) -> Refreshers {
+        let mut refreshers = Refreshers::default();
+        refreshers.sync(self);
+        refreshers
+    }
+
+    /// The token store for a reloaded `config`: integrations whose settings did
+    /// not change are kept as they are (same token, no refresh); new or changed
+    /// ones start from the state file like at start-up.
+    pub fn reloaded(
+        &self,
+        config: &Config,
+        store: Arc<dyn StateStore>,
+        client: OAuthClient,
+    ) -> Result<Self, StateError> {
+        let integrations = config
+            .integrations
+            .iter()
+            .map(
+                |wanted| match self.integrations.iter().find(|i| i.config == *wanted) {
+                    Some(kept) => Ok(kept.clone()),
+                    None => Integration::new(wanted.clone(), store.clone(), client.clone())
+                        .map(Arc::new),
+                },
+            )
+            .collect::<Result<_, _>>()?;
+        Ok(Self { integrations })
     }
 
     /// Waits (bounded) for refreshes in flight, so a shutdown does not cut one
@@ -174,6 +199,45 @@ impl Tokens {
     pub async fn quiesce(&self, deadline: Duration) {
         let all = futures_all(self.integrations.iter().map(|i| i.flight.clone()));
         let _ = tokio::time::timeout(deadline, all).await;
+    }
+}
+
+impl fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.iter().map(|i| i.name()))
+            .finish()
+    }
+}
+
+/// The background refresher tasks, one per integration; dropping this stops them.
+#[derive(Default)]
+pub struct Refreshers {
+    running: Vec<(Arc<Integration>, tokio::task::AbortHandle)>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Refreshers {
+    /// Runs a refresher for exactly the integrations of `tokens`: kept ones keep
+    /// theirs, dropped ones are stopped, new ones are started.
+    pub fn sync(&mut self, tokens: &Tokens) {
+        self.running.retain(|(integration, task)| {
+            let kept = tokens.iter().any(|i| Arc::ptr_eq(i, integration));
+            if !kept {
+                task.abort();
+            }
+            kept
+        });
+        for integration in tokens.iter() {
+            if !self
+                .running
+                .iter()
+                .any(|(running, _)| Arc::ptr_eq(running, integration))
+            {
+                let task = self.tasks.spawn(refresh::run(integration.clone()));
+                self.running.push((integration.clone(), task));
+            }
+        }
     }
 }
 
@@ -212,6 +276,7 @@ struct StatusInner {
     last_refresh_at: Option<OffsetDateTime>,
     last_error: Option<String>,
     refresh_count: u64,
+    failure_count: u64,
 }
 
 /// The refresh token to use and where it came from.
@@ -241,6 +306,7 @@ impl Integration {
                 last_refresh_at: None,
                 last_error: None,
                 refresh_count: 0,
+                failure_count: 0,
             }),
             unsaved: Mutex::new(None),
             config,
@@ -509,6 +575,7 @@ impl Integration {
 
     fn record_failure(&self, error: &RefreshError) {
         let mut status = self.lock_status();
+        status.failure_count += 1;
         status.health = if error.is_permanent() {
             Health::Failed
         } else {
@@ -531,6 +598,7 @@ impl Integration {
             last_refresh_at: status.last_refresh_at,
             last_error: status.last_error.clone(),
             refresh_count: status.refresh_count,
+            failure_count: status.failure_count,
         }
     }
 

@@ -20,6 +20,7 @@ use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use super::Ca;
+use crate::metrics::CertCacheMetrics;
 use crate::tls;
 
 const LEAF_VALIDITY: time::Duration = time::Duration::days(30);
@@ -48,10 +49,11 @@ pub struct LeafCache {
     sessions: Arc<dyn StoresServerSessions>,
     ticketer: Arc<dyn rustls::server::ProducesTickets>,
     entries: Mutex<HashMap<String, (Instant, Arc<ServerConfig>)>>,
+    counters: CertCacheMetrics,
 }
 
 impl LeafCache {
-    pub fn new(ca: Ca) -> Result<Self, MintError> {
+    pub fn new(ca: Ca, counters: CertCacheMetrics) -> Result<Self, MintError> {
         let host = || "leaf key".to_owned();
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|source| {
             MintError::Sign {
@@ -71,6 +73,7 @@ impl LeafCache {
             sessions: ServerSessionMemoryCache::new(4096),
             ticketer,
             entries: Mutex::new(HashMap::new()),
+            counters,
         })
     }
 
@@ -81,8 +84,10 @@ impl LeafCache {
     /// The TLS server config presenting a leaf for `host` (ALPN h2, http/1.1).
     pub fn server_config(&self, host: &str) -> Result<Arc<ServerConfig>, MintError> {
         if let Some(config) = self.cached(host) {
+            self.counters.hits.inc();
             return Ok(config);
         }
+        self.counters.misses.inc();
         let config = Arc::new(self.mint(host)?);
         let mut entries = self.lock();
         if entries.len() >= CACHE_CAPACITY {
@@ -166,12 +171,17 @@ mod tests {
         })
         .unwrap();
         let ca_der = ca.cert_der.clone();
-        let cache = LeafCache::new(ca).unwrap();
+        let counters = CertCacheMetrics {
+            hits: Default::default(),
+            misses: Default::default(),
+        };
+        let cache = LeafCache::new(ca, counters.clone()).unwrap();
         let first = cache.server_config("api.example.test").unwrap();
         let again = cache.server_config("api.example.test").unwrap();
         assert!(Arc::ptr_eq(&first, &again));
         let other = cache.server_config("other.example.test").unwrap();
         assert!(!Arc::ptr_eq(&first, &other));
+        assert_eq!((counters.hits.get(), counters.misses.get()), (1, 2));
 
         // A client trusting only the local CA accepts the leaf for that name.
         let mut roots = rustls::RootCertStore::empty();

@@ -14,6 +14,11 @@ pub const DEFAULT_REFRESH_SKEW: &str = "60s";
 pub const DEFAULT_EXPIRES_IN: &str = "1h";
 pub const DEFAULT_CONNECT_TIMEOUT: &str = "10s";
 pub const DEFAULT_RESPONSE_TIMEOUT: &str = "60s";
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+pub const DEFAULT_HEADER_READ_TIMEOUT: &str = "30s";
+pub const DEFAULT_TUNNEL_IDLE_TIMEOUT: &str = "10m";
 pub const DEFAULT_REDIRECT_URI: &str = "http://127.0.0.1:8765/callback";
 
 #[derive(Debug, Default, Deserialize)]
@@ -35,6 +40,18 @@ pub struct RawConfig {
     pub routes: Vec<RawRoute>,
     #[serde(default)]
     pub sidecars: Vec<RawSidecar>,
+    #[serde(default)]
+    pub limits: RawLimits,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_connections: Option<usize>,
+    pub max_header_bytes: Option<usize>,
+    pub max_headers: Option<usize>,
+    pub header_read_timeout: Option<String>,
+    pub tunnel_idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -9,12 +9,14 @@ use hyper_util::rt::TokioIo;
 
 use super::body::{self, ProxyBody};
 use super::error::ProxyError;
-use super::{Proxy, mitm, tunnel};
+use super::{Proxy, Routing, mitm, tunnel};
 use crate::config::Unrouted;
+use crate::metrics::TunnelKind;
 use crate::routes;
 
 pub async fn handle(
     proxy: Arc<Proxy>,
+    routing: Arc<Routing>,
     request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let authority = request
@@ -30,30 +32,49 @@ pub async fn handle(
     let port = authority
         .port_u16()
         .ok_or_else(|| ProxyError::BadRequest("CONNECT needs a host:port target".into()))?;
+    let upgrade = hyper::upgrade::on(request);
+    let shutdown = proxy.shutdown.clone();
 
     // Routes match host names only, so a CONNECT to an IP address is unrouted.
-    if let Some(route) = proxy.routes.lookup(&host) {
-        let upgrade = hyper::upgrade::on(request);
-        let shutdown = proxy.shutdown.clone();
+    if let Some(route) = routing.table.lookup(&host) {
         shutdown.spawn(async move {
             match upgrade.await {
-                Ok(upgraded) => mitm::serve(proxy, route, host, port, TokioIo::new(upgraded)).await,
+                Ok(upgraded) => {
+                    let _open = proxy.metrics.tunnel(TunnelKind::Intercepted);
+                    mitm::serve(
+                        proxy.clone(),
+                        routing,
+                        route,
+                        host,
+                        port,
+                        TokioIo::new(upgraded),
+                    )
+                    .await;
+                }
                 Err(error) => tracing::debug!(%error, "CONNECT upgrade failed"),
             }
         });
         return Ok(Response::new(body::empty()));
     }
-    if proxy.unrouted == Unrouted::Deny {
+    if routing.unrouted == Unrouted::Deny {
         return Err(ProxyError::Denied(format!(
             "{host} has no route and proxy.unrouted is \"deny\""
         )));
     }
-    let upstream = proxy.upstream.connect_tcp(&host, port).await?;
-    let upgrade = hyper::upgrade::on(request);
-    let signal = proxy.shutdown.signal();
-    proxy.shutdown.spawn(async move {
+    let upstream = routing.upstream.connect_tcp(&host, port).await?;
+    shutdown.spawn(async move {
         match upgrade.await {
-            Ok(upgraded) => tunnel::relay(TokioIo::new(upgraded), upstream, signal).await,
+            Ok(upgraded) => {
+                let _open = proxy.metrics.tunnel(TunnelKind::Blind);
+                let idle = proxy.limits.tunnel_idle_timeout;
+                tunnel::relay(
+                    TokioIo::new(upgraded),
+                    upstream,
+                    idle,
+                    proxy.shutdown.signal(),
+                )
+                .await;
+            }
             Err(error) => tracing::debug!(%error, "CONNECT upgrade failed"),
         }
     });

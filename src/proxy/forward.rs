@@ -4,10 +4,12 @@
 use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
+use tokio::time::Instant;
 
+use super::ActiveRoute;
 use super::body::{self, ProxyBody};
 use super::error::ProxyError;
-use super::inject::{self, Injector};
+use super::inject;
 use super::retry::RequestBody;
 use super::upstream::Upstream;
 use crate::config::Route;
@@ -74,10 +76,11 @@ impl Target {
 /// that is still current, forces one (single-flight) refresh and resends once.
 pub async fn routed(
     upstream: &Upstream,
-    injector: &Injector,
+    route: &ActiveRoute,
     target: &Target,
     request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    let injector = &route.injector;
     let snapshot = match &injector.integration {
         Some(integration) => Some(
             integration
@@ -123,10 +126,11 @@ pub async fn routed(
     {
         Ok(fresh) if fresh.generation != snapshot.generation => {
             tracing::info!(integration = %integration.name(), "upstream answered 401; resending with a refreshed token");
+            route.metrics.retries.inc();
             drop(response);
             let rendered = injector.headers(Some(&fresh));
             let again = build(&parts.method, &uri, headers, &rendered.headers, body.take());
-            Ok(relay(upstream.send(again).await?))
+            Ok(relay(timed(route, upstream.send(again)).await?))
         }
         // Rate-limited, or the refresh failed: the client sees the API's 401.
         _ => Ok(relay(response)),
@@ -149,6 +153,17 @@ pub async fn unrouted(
         body::stream(body),
     );
     Ok(relay(upstream.send(forwarded).await?))
+}
+
+/// Records the time to the response head in the route's latency histogram.
+async fn timed<T>(route: &ActiveRoute, send: impl Future<Output = T>) -> T {
+    let start = Instant::now();
+    let result = send.await;
+    route
+        .metrics
+        .upstream_latency
+        .observe(start.elapsed().as_secs_f64());
+    result
 }
 
 fn build(

@@ -15,19 +15,28 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio_rustls::TlsAcceptor;
 
-use super::Proxy;
 use super::forward::Target;
 use super::prefixed::Prefixed;
+use super::{Proxy, Routing};
 use crate::server;
 
 /// A TLS record starts with content type 22 (handshake).
 const TLS_HANDSHAKE: u8 = 0x16;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const H2_KEEP_ALIVE: Duration = Duration::from_secs(30);
+
+/// The CONNECT target a tunnel is bound to.
+pub struct Tunnel {
+    pub host: String,
+    pub port: u16,
+    pub target: Target,
+}
 
 /// Boxed as `Send` explicitly: rustc cannot prove it through hyper's nested
 /// generic futures on its own.
 pub fn serve<S>(
     proxy: Arc<Proxy>,
+    routing: Arc<Routing>,
     route: usize,
     host: String,
     port: u16,
@@ -36,11 +45,17 @@ pub fn serve<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    Box::pin(intercept(proxy, route, host, port, io))
+    Box::pin(intercept(proxy, routing, route, host, port, io))
 }
 
-async fn intercept<S>(proxy: Arc<Proxy>, route: usize, host: String, port: u16, mut io: S)
-where
+async fn intercept<S>(
+    proxy: Arc<Proxy>,
+    routing: Arc<Routing>,
+    route: usize,
+    host: String,
+    port: u16,
+    mut io: S,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut first = [0u8; 1];
@@ -51,8 +66,9 @@ where
     let io = Prefixed::new(Bytes::copy_from_slice(&first), io);
     if first[0] != TLS_HANDSHAKE {
         // Plain HTTP after CONNECT (some clients do this for port 80).
-        let target = Target::plain(proxy.route(route), host.clone(), Some(port));
-        return serve_http(proxy, route, host, port, target, io).await;
+        let target = Target::plain(&routing.routes[route].config, host.clone(), Some(port));
+        let tunnel = Tunnel { host, port, target };
+        return serve_http(proxy, routing, route, tunnel, io).await;
     }
     let config = match proxy.leaves.server_config(&host) {
         Ok(config) => config,
@@ -64,7 +80,7 @@ where
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(io)).await {
         Ok(Ok(tls)) => {
             let target = Target::intercepted(host.clone(), port);
-            serve_http(proxy, route, host, port, target, tls).await;
+            serve_http(proxy, routing, route, Tunnel { host, port, target }, tls).await;
         }
         Ok(Err(error)) => tracing::debug!(%host, %error, "client TLS handshake failed"),
         Err(_) => tracing::debug!(%host, "client TLS handshake timed out"),
@@ -73,24 +89,23 @@ where
 
 async fn serve_http<S>(
     proxy: Arc<Proxy>,
+    routing: Arc<Routing>,
     route: usize,
-    host: String,
-    port: u16,
-    target: Target,
+    tunnel: Tunnel,
     io: S,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let signal = proxy.shutdown.signal();
-    let tunnel = Arc::new((host, port, target));
+    let limits = proxy.limits.clone();
+    let tunnel = Arc::new(tunnel);
     let service = {
         let proxy = proxy.clone();
         service_fn(move |request| {
-            let proxy = proxy.clone();
-            let tunnel = tunnel.clone();
+            let (proxy, routing, tunnel) = (proxy.clone(), routing.clone(), tunnel.clone());
             async move {
-                let (host, port, target) = &*tunnel;
-                Ok::<_, Infallible>(proxy.intercepted(route, host, *port, target, request).await)
+                let route = &routing.routes[route];
+                Ok::<_, Infallible>(proxy.intercepted(&routing, route, &tunnel, request).await)
             }
         })
     };
@@ -98,8 +113,16 @@ async fn serve_http<S>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(server::HEADER_READ_TIMEOUT);
-    builder.http2().timer(TokioTimer::new());
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .max_headers(limits.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // Pings find peers that vanished without closing.
+        .keep_alive_interval(Some(H2_KEEP_ALIVE))
+        .keep_alive_timeout(H2_KEEP_ALIVE);
     let connection = builder.serve_connection(TokioIo::new(io), service);
     if let Err(error) = server::until_shutdown(connection, signal, |c| c.graceful_shutdown()).await
     {

@@ -243,18 +243,18 @@ impl InProcess {
         }
     }
 
-    pub fn tokens(&self) -> &credproxy::tokens::Tokens {
-        &self
-            .running
+    pub fn tokens(&self) -> Arc<credproxy::tokens::Tokens> {
+        self.running
             .as_ref()
             .expect("credproxy is still running")
-            .tokens
+            .tokens()
     }
 
-    pub fn integration(&self) -> &Arc<credproxy::tokens::Integration> {
+    pub fn integration(&self) -> Arc<credproxy::tokens::Integration> {
         self.tokens()
             .get(INTEGRATION)
             .expect("the setup's integration exists")
+            .clone()
     }
 
     /// Waits until token generation `n` (1 = the first token) has been published.

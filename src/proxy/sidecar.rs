@@ -1,0 +1,131 @@
+//! Sidecar mode: a plain-HTTP reverse proxy to one upstream, for tools that
+//! cannot use a proxy at all — they change their base URL to the sidecar's.
+//! Requests get the same injection, 401 retry, metrics and logs as through the
+//! forward proxy, from the route that matches the upstream's host.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::uri::PathAndQuery;
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::error::ProxyError;
+use super::forward::{self, Target};
+use super::observe::{self, Observed};
+use super::{ActiveRoute, Proxy};
+use crate::config::Sidecar;
+use crate::routes;
+use crate::server;
+
+/// Where one sidecar sends its requests.
+pub struct Upstream {
+    host: String,
+    target: Target,
+    /// The upstream URL's path, prefixed to every request path.
+    prefix: String,
+}
+
+impl Upstream {
+    pub fn new(sidecar: &Sidecar) -> Self {
+        let url = &sidecar.upstream;
+        let host = routes::normalize(url.host_str().unwrap_or_default());
+        let https = url.scheme() == "https";
+        let target = Target {
+            scheme: if https {
+                http::uri::Scheme::HTTPS
+            } else {
+                http::uri::Scheme::HTTP
+            },
+            host: host.clone(),
+            port: url
+                .port_or_known_default()
+                .unwrap_or(if https { 443 } else { 80 }),
+        };
+        Self {
+            host,
+            target,
+            prefix: url.path().trim_end_matches('/').to_owned(),
+        }
+    }
+}
+
+pub async fn serve_connection(
+    proxy: Arc<Proxy>,
+    upstream: Arc<Upstream>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
+    let signal = proxy.shutdown.signal();
+    let builder = proxy.http1_builder();
+    let service = service_fn(move |request| {
+        let (proxy, upstream) = (proxy.clone(), upstream.clone());
+        async move { Ok::<_, Infallible>(handle(&proxy, &upstream, request, peer).await) }
+    });
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    if let Err(error) = server::until_shutdown(connection, signal, |c| c.graceful_shutdown()).await
+    {
+        tracing::debug!(%peer, %error, "sidecar connection closed with an error");
+    }
+}
+
+async fn handle(
+    proxy: &Proxy,
+    upstream: &Upstream,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Observed> {
+    let start = Instant::now();
+    let routing = proxy.routing.load_full();
+    let method = request.method().clone();
+    // After a reload the route may be gone: never send credentials without one.
+    let route: Option<&ActiveRoute> = routing.lookup(&upstream.host);
+    let result = match route {
+        Some(route) => match with_prefix(request, &upstream.prefix) {
+            Ok(request) => {
+                forward::routed(&routing.upstream, route, &upstream.target, request).await
+            }
+            Err(error) => Err(error),
+        },
+        None => Err(ProxyError::Denied(format!(
+            "no route matches {} any more",
+            upstream.host
+        ))),
+    };
+    let response = result.unwrap_or_else(ProxyError::into_response);
+    let name = match route {
+        Some(route) => {
+            route.metrics.record(response.status());
+            route.name.clone()
+        }
+        None => Arc::from("-"),
+    };
+    Observed::new(
+        response,
+        observe::Line::new(method, upstream.host.clone(), name, start, Some(peer)),
+    )
+}
+
+/// `/files/list` on a sidecar for `https://api.example.com/2` goes to `/2/files/list`.
+fn with_prefix(
+    mut request: Request<Incoming>,
+    prefix: &str,
+) -> Result<Request<Incoming>, ProxyError> {
+    if prefix.is_empty() {
+        return Ok(request);
+    }
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or("/", PathAndQuery::as_str);
+    let uri: Uri = format!("{prefix}{path}")
+        .parse()
+        .map_err(|_| ProxyError::BadRequest(format!("invalid path {path:?}")))?;
+    *request.uri_mut() = uri;
+    Ok(request)
+}
