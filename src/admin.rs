@@ -2,7 +2,8 @@
 //! integration holds a valid token and none has failed), `GET /metrics`
 //! (Prometheus text), `GET /integrations` (status, no secrets),
 //! `POST /integrations/NAME/refresh` (force one refresh), `POST /reload`.
-//! With `admin.token` set, everything but `/healthz` needs `Authorization: Bearer`.
+//! With `admin.token` set, everything but the probes (`/healthz`, `/readyz`)
+//! needs `Authorization: Bearer`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -61,7 +62,8 @@ impl Admin {
     async fn handle(&self, request: Request<Incoming>) -> Response<ProxyBody> {
         let path = request.uri().path();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-        if segments != ["healthz"] && !self.authorized(&request) {
+        let probe = matches!(segments.as_slice(), ["healthz" | "readyz"]);
+        if !probe && !self.authorized(&request) {
             let mut response = error(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",

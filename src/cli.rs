@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -28,14 +28,21 @@ pub struct Cli {
     )]
     pub config: PathBuf,
 
+    /// Log format on stderr: `text` for people, `json` (one object per line) for
+    /// log collectors. The filter comes from RUST_LOG (default: info for run and
+    /// demo, error for one-shot commands).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// The main job: token refreshers, the proxy and the admin listener, until
-    /// SIGINT/SIGTERM. Point programs at it with HTTPS_PROXY=http://127.0.0.1:8080.
+    /// The main job: token refreshers, the proxy, sidecars and the admin listener,
+    /// until SIGINT/SIGTERM; SIGHUP reloads the config. Point programs at it with
+    /// HTTPS_PROXY=http://127.0.0.1:8080.
     Run,
     /// Run the proxy against built-in demo OAuth and API servers, with no set-up
     /// and no accounts; prints a curl command to try from another terminal.
@@ -69,4 +76,10 @@ pub enum CaCommand {
     /// Write ca-bundle.pem beside the CA certificate: the system's trusted roots plus
     /// the local CA, for SSL_CERT_FILE, REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE.
     Bundle,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }

@@ -699,6 +699,13 @@ impl Validator<'_> {
     ) -> Result<Sidecar, ConfigError> {
         let key = |field: &str| format!("sidecars[{index}].{field}");
         let listen = self.socket_addr(&key("listen"), Some(&raw.listen), "")?;
+        if !listen.ip().is_loopback() {
+            // A sidecar has no client authentication: its pod's loopback is the boundary.
+            return Err(self.err(
+                key("listen"),
+                format!("{listen} is not a loopback address; sidecars listen on loopback only"),
+            ));
+        }
         let upstream = self.url(&key("upstream"), &raw.upstream)?;
         let host = routes::normalize(upstream.host_str().unwrap_or_default());
         if table.lookup(&host).is_none() {
@@ -816,6 +823,17 @@ upstream = "https://content.dropboxapi.com"
             Some("127.0.0.1:8443".parse().unwrap())
         );
         assert_eq!(config.sidecars.len(), 1);
+    }
+
+    #[test]
+    fn shipped_example_is_valid() {
+        let example = include_str!("../config/credproxy.toml");
+        let config = parse(Path::new("credproxy.toml"), example, &|_| {
+            Some("from-env".into())
+        })
+        .unwrap();
+        assert_eq!(config.integrations.len(), 1);
+        assert_eq!(config.routes.len(), 2);
     }
 
     #[test]

@@ -6,13 +6,13 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::Parser;
-use credproxy::cli::{CaCommand, Cli, Command};
+use credproxy::cli::{CaCommand, Cli, Command, LogFormat};
 use credproxy::error::{self, Error};
 use credproxy::{app, commands, config};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.command);
+    init_logging(&cli.command, cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -41,7 +41,10 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
         } => demo(listen, admin_listen).await,
         Command::Run => {
             let running = app::start(&load()?).await?;
-            wait_for_stop_signal().await?;
+            let mut signals = Signals::new()?;
+            while signals.next().await == Signal::Reload {
+                running.state.reload_logged();
+            }
             tracing::info!("stopping: letting in-flight requests finish");
             running.stop().await;
             Ok(ExitCode::SUCCESS)
@@ -114,38 +117,67 @@ async fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> Result<ExitCode, 
     );
     println!();
     println!("Demo tokens expire after 20 s; watch the refreshes below. Ctrl-C stops the demo.");
-    wait_for_stop_signal().await?;
+    let mut signals = Signals::new()?;
+    while signals.next().await == Signal::Reload {
+        tracing::info!("the demo has no config file to reload");
+    }
     running.stop().await;
     drop(world);
     Ok(ExitCode::SUCCESS)
 }
 
-async fn wait_for_stop_signal() -> Result<(), Error> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate())
-        .map_err(|e| Error::Failed(format!("cannot listen for SIGTERM: {e}")))?;
-    let mut interrupt = signal(SignalKind::interrupt())
-        .map_err(|e| Error::Failed(format!("cannot listen for SIGINT: {e}")))?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
+#[derive(PartialEq)]
+enum Signal {
+    Stop,
+    Reload,
+}
+
+/// SIGINT/SIGTERM stop; SIGHUP reloads the config.
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self, Error> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind: SignalKind, name: &str| {
+            signal(kind).map_err(|e| Error::Failed(format!("cannot listen for {name}: {e}")))
+        };
+        Ok(Self {
+            terminate: listen(SignalKind::terminate(), "SIGTERM")?,
+            interrupt: listen(SignalKind::interrupt(), "SIGINT")?,
+            hangup: listen(SignalKind::hangup(), "SIGHUP")?,
+        })
     }
-    Ok(())
+
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.terminate.recv() => Signal::Stop,
+            _ = self.interrupt.recv() => Signal::Stop,
+            _ = self.hangup.recv() => Signal::Reload,
+        }
+    }
 }
 
 /// Logs go to stderr. One-shot commands log errors only: what failed is their
 /// result, printed once; `RUST_LOG` overrides.
-fn init_logging(command: &Command) {
+fn init_logging(command: &Command, format: LogFormat) {
     let default = match command {
         Command::Run | Command::Demo { .. } => "info",
         Command::Check | Command::Token { .. } | Command::Ca(_) => "error",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs.json().init(),
+    }
 }

@@ -32,8 +32,13 @@ const SCRUBBED_ENV: &[&str] = &[
     "RUST_LOG",
 ];
 
+/// The binary under test: cargo's, or `CREDPROXY_BIN` (CI points it at the static
+/// musl build that the container image ships, to run the CLI tests against it).
 pub fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_credproxy"))
+    std::env::var_os("CREDPROXY_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_credproxy")),
+        PathBuf::from,
+    )
 }
 
 // === TestDir ===
