@@ -78,14 +78,14 @@ pub fn load_or_create(config: &CaConfig) -> Result<(Ca, bool), CaError> {
     }
 }
 
-fn create(config: &CaConfig) -> Result<Ca, CaError> {
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::Generate)?;
+/// The parameters of a CA named `name` that signs leaves directly (path length
+/// 0), valid from a day ago (slack for skewed clocks) for `validity`.
+pub fn ca_params(name: &str, validity: time::Duration) -> CertificateParams {
     let mut params = CertificateParams::default();
-    let mut name = DistinguishedName::new();
-    name.push(DnType::CommonName, CA_NAME);
-    name.push(DnType::OrganizationName, "credproxy");
-    params.distinguished_name = name;
-    // Only for leaves minted directly by this CA.
+    let mut distinguished_name = DistinguishedName::new();
+    distinguished_name.push(DnType::CommonName, name);
+    distinguished_name.push(DnType::OrganizationName, "credproxy");
+    params.distinguished_name = distinguished_name;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -94,7 +94,13 @@ fn create(config: &CaConfig) -> Result<Ca, CaError> {
     ];
     let now = OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::days(1);
-    params.not_after = now + time::Duration::days(3650);
+    params.not_after = now + validity;
+    params
+}
+
+fn create(config: &CaConfig) -> Result<Ca, CaError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::Generate)?;
+    let params = ca_params(CA_NAME, time::Duration::days(3650));
     let cert = params.self_signed(&key).map_err(CaError::Generate)?;
 
     // Key first, created exclusively with mode 0600: never readable by others,

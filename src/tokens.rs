@@ -148,12 +148,10 @@ impl Tokens {
         store: Arc<dyn StateStore>,
         client: OAuthClient,
     ) -> Result<Self, StateError> {
-        let integrations = config
-            .integrations
-            .iter()
-            .map(|i| Integration::new(i.clone(), store.clone(), client.clone()).map(Arc::new))
-            .collect::<Result<_, _>>()?;
-        Ok(Self { integrations })
+        let none = Self {
+            integrations: Vec::new(),
+        };
+        none.reloaded(config, store, client)
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Integration>> {
