@@ -14,6 +14,7 @@ grant, persisting rotated refresh tokens, and injects `Authorization: Bearer` in
 that programs send through it (HTTPS_PROXY=http://127.0.0.1:8080).\n\n\
 First steps:\n  credproxy run              the proxy (see config/credproxy.toml)\n  credproxy check            refresh every integration once and report\n  \
 credproxy token NAME       print NAME's access token for a script\n  \
+credproxy authorize NAME   get NAME's first refresh token (browser sign-in)\n  \
 credproxy ca init          create the local CA that clients must trust",
     after_help = "Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad config."
 )]
@@ -63,6 +64,24 @@ pub enum Command {
     Token {
         /// The integration, as named in [integrations.NAME].
         name: String,
+    },
+    /// Obtain NAME's first refresh token: the authorization-code flow with PKCE.
+    /// Prints a URL to open (and opens a browser when it can), waits for the
+    /// redirect on the integration's loopback redirect_uri, exchanges the code and
+    /// stores the tokens in the state file. Needs integrations.NAME.authorize_url.
+    Authorize {
+        /// The integration, as named in [integrations.NAME].
+        name: String,
+        /// Only print the URL; do not try to open a browser.
+        #[arg(long)]
+        no_browser: bool,
+        /// For machines without a browser: paste the URL you were redirected to
+        /// (or just the code) instead of waiting for the redirect.
+        #[arg(long)]
+        manual: bool,
+        /// How long to wait for the redirect.
+        #[arg(long, default_value = "5m", value_parser = crate::config::duration::parse)]
+        timeout: std::time::Duration,
     },
     /// Manage the local certificate authority that clients trust.
     #[command(subcommand)]

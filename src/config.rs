@@ -2,7 +2,7 @@
 //! `${VAR}`, maps it onto the serde mirror in `config/raw.rs` and checks every
 //! value. Any problem is a `ConfigError` naming the file, the key path and the cause.
 
-mod duration;
+pub mod duration;
 mod expand;
 mod raw;
 pub mod template;

@@ -1,6 +1,7 @@
 //! The top-level error and its exit code: 2 for bad usage or a bad config,
 //! 1 for everything that failed at run time.
 
+use crate::authorize::AuthorizeError;
 use crate::ca::CaError;
 use crate::config::ConfigError;
 use crate::state::StateError;
@@ -21,6 +22,8 @@ pub enum Error {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Refresh(#[from] RefreshError),
+    #[error(transparent)]
+    Authorize(#[from] AuthorizeError),
     #[error("{0}")]
     Failed(String),
 }

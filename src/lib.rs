@@ -22,6 +22,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod authorize;
 pub mod ca;
 pub mod cli;
 pub mod commands;

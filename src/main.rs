@@ -66,6 +66,12 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             println!("{}", token.expose());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Authorize {
+            name,
+            no_browser,
+            manual,
+            timeout,
+        } => authorize(&load()?, &name, !no_browser, manual, timeout).await,
         Command::Ca(CaCommand::Init) => {
             let (path, created) = commands::ca_init(&load()?)?;
             if created {
@@ -126,6 +132,82 @@ async fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> Result<ExitCode, 
     Ok(ExitCode::SUCCESS)
 }
 
+/// `credproxy authorize`: show the URL, get the code (redirect or pasted),
+/// exchange it, store the tokens.
+async fn authorize(
+    config: &config::Config,
+    name: &str,
+    open_browser: bool,
+    manual: bool,
+    timeout: std::time::Duration,
+) -> Result<ExitCode, Error> {
+    let flow = credproxy::authorize::Flow::new(config, name)?;
+    let code = if manual {
+        println!(
+            "Open this URL in a browser and approve:\n\n  {}\n",
+            flow.url()
+        );
+        println!(
+            "Then paste the URL the browser was redirected to (or just the code) and press Enter:"
+        );
+        let line = tokio::task::spawn_blocking(|| {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).map(|_| line)
+        })
+        .await
+        .map_err(|e| Error::Failed(format!("cannot read the pasted URL: {e}")))?
+        .map_err(|e| Error::Failed(format!("cannot read the pasted URL: {e}")))?;
+        flow.read_pasted(&line)?
+    } else {
+        // Listen first, so the redirect cannot arrive before anyone waits for it.
+        let listener = flow.listen().await?;
+        println!(
+            "Open this URL in a browser to authorize {name}:\n\n  {}\n",
+            flow.url()
+        );
+        if open_browser {
+            try_open_browser(flow.url().as_str());
+        }
+        println!(
+            "Waiting up to {} for the redirect to {} …",
+            commands::human_duration(timeout.try_into().unwrap_or_default()),
+            config
+                .integration(name)
+                .map(|i| i.redirect_uri.to_string())
+                .unwrap_or_default()
+        );
+        flow.wait_for_redirect(listener, timeout).await?
+    };
+    let expires_at = flow.complete(config, &code).await?;
+    println!(
+        "{name}: authorized; refresh token stored in {} (access token expires in {}). `credproxy check` and `credproxy run` use it from now on.",
+        config.state.path.display(),
+        commands::human_duration(expires_at - time::OffsetDateTime::now_utc())
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Opens `url` in the desktop's browser when there is a desktop; the URL is
+/// printed either way.
+fn try_open_browser(url: &str) {
+    let opener = if cfg!(target_os = "macos") {
+        Some("open")
+    } else if std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some()
+    {
+        Some("xdg-open")
+    } else {
+        None
+    };
+    if let Some(opener) = opener {
+        let _ = std::process::Command::new(opener)
+            .arg(url)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+    }
+}
+
 #[derive(PartialEq)]
 enum Signal {
     Stop,
@@ -166,7 +248,9 @@ impl Signals {
 fn init_logging(command: &Command, format: LogFormat) {
     let default = match command {
         Command::Run | Command::Demo { .. } => "info",
-        Command::Check | Command::Token { .. } | Command::Ca(_) => "error",
+        Command::Check | Command::Token { .. } | Command::Authorize { .. } | Command::Ca(_) => {
+            "error"
+        }
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));

@@ -115,6 +115,24 @@ impl OAuthClient {
         self.exchange(integration, fields, &[refresh_token]).await
     }
 
+    /// Exchanges an authorization code (RFC 6749 §4.1.3, with the PKCE verifier of
+    /// RFC 7636) for the first tokens.
+    pub async fn exchange_code(
+        &self,
+        integration: &IntegrationConfig,
+        code: &Secret,
+        code_verifier: &Secret,
+    ) -> Result<TokenResponse, TokenError> {
+        let fields = vec![
+            ("grant_type", "authorization_code"),
+            ("code", code.expose()),
+            ("redirect_uri", integration.redirect_uri.as_str()),
+            ("code_verifier", code_verifier.expose()),
+        ];
+        self.exchange(integration, fields, &[code, code_verifier])
+            .await
+    }
+
     /// Sends a token request with `fields` plus the client authentication, and
     /// checks the answer. `secrets` are redacted from any provider text we echo.
     async fn exchange(
