@@ -102,7 +102,7 @@ pub async fn start(config: &Config) -> Result<Running, Error> {
         proxy_listener,
         shutdown.clone(),
         traffic.clone(),
-        move |stream, peer| for_proxy.clone().serve_connection(stream, peer),
+        move |stream, peer, slot| for_proxy.clone().serve_connection(stream, peer, slot),
     ));
     let mut sidecar_addrs = Vec::new();
     for (listener, sidecar) in sidecar_listeners.into_iter().zip(&config.sidecars) {
@@ -113,7 +113,7 @@ pub async fn start(config: &Config) -> Result<Running, Error> {
             listener,
             shutdown.clone(),
             traffic.clone(),
-            move |stream, peer| {
+            move |stream, peer, _slot| {
                 sidecar::serve_connection(proxy.clone(), upstream.clone(), stream, peer)
             },
         ));
@@ -125,7 +125,7 @@ pub async fn start(config: &Config) -> Result<Running, Error> {
         admin_listener,
         shutdown,
         admission,
-        move |stream, peer| admin.clone().serve_connection(stream, peer),
+        move |stream, peer, _slot| admin.clone().serve_connection(stream, peer),
     ));
     tracing::info!(%proxy_addr, %admin_addr, sidecars = ?sidecar_addrs, "credproxy listening");
     Ok(Running {

@@ -244,6 +244,7 @@ impl Flow {
             access_token: Some(response.access_token),
             token_type: Some(response.token_type),
             expires_at: Some(expires_at),
+            scope: self.integration.scope.clone(),
             // Tied to the config's refresh token, if it still has one, so this
             // new chain is the one used rather than the config's.
             seed_fingerprint: self

@@ -233,7 +233,7 @@ impl Collector for TokenCollector {
 
         let counter = ConstCounter::new(0u64);
         let mut family = encoder.encode_descriptor(
-            "credproxy_refreshes",
+            "refreshes",
             "Token refreshes by integration and outcome",
             None,
             counter.metric_type(),
@@ -253,7 +253,7 @@ impl Collector for TokenCollector {
 
         let gauge = ConstGauge::new(0.0f64);
         let mut family = encoder.encode_descriptor(
-            "credproxy_token_expires_in_seconds",
+            "token_expires_in_seconds",
             "Seconds until the current access token expires (negative: expired)",
             None,
             gauge.metric_type(),

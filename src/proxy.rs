@@ -44,7 +44,7 @@ use crate::ca::mint::LeafCache;
 use crate::config::{Config, Limits, Route, Unrouted, UpstreamConfig};
 use crate::metrics::{self, Metrics, RouteMetrics};
 use crate::routes::{self, RouteTable};
-use crate::server::{self, Shutdown};
+use crate::server::{self, Shutdown, Slot};
 use crate::tls::TlsError;
 use crate::tokens::Tokens;
 
@@ -174,13 +174,19 @@ impl Proxy {
         Ok(())
     }
 
-    /// Serves one client connection (HTTP/1.1, with CONNECT upgrades).
-    pub async fn serve_connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+    /// Serves one client connection (HTTP/1.1, with CONNECT upgrades). A
+    /// tunnel keeps the connection's `slot` until it closes.
+    pub async fn serve_connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        slot: Slot,
+    ) {
         let signal = self.shutdown.signal();
         let builder = self.http1_builder();
         let service = service_fn(move |request| {
-            let proxy = self.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(request, peer).await) }
+            let (proxy, slot) = (self.clone(), slot.clone());
+            async move { Ok::<_, Infallible>(proxy.handle(request, peer, slot).await) }
         });
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
@@ -206,6 +212,7 @@ impl Proxy {
         self: Arc<Self>,
         request: Request<Incoming>,
         peer: SocketAddr,
+        slot: Slot,
     ) -> Response<Observed> {
         let start = Instant::now();
         let routing = self.routing.load_full();
@@ -217,14 +224,17 @@ impl Proxy {
             .unwrap_or_default();
         let route = routing.lookup(&host);
         let response = self
-            .dispatch(&routing, route, request)
+            .dispatch(&routing, route, request, slot)
             .await
             .unwrap_or_else(ProxyError::into_response);
         let (name, metrics) = match route {
             Some(route) => (route.name.clone(), &route.metrics),
             None => (Arc::from("-"), &routing.unrouted_metrics),
         };
-        metrics.record(response.status());
+        // A CONNECT opens a tunnel (counted as one); the requests inside count.
+        if method != Method::CONNECT {
+            metrics.record(response.status());
+        }
         Observed::new(
             response,
             observe::Line::new(method, host, name, start, Some(peer)),
@@ -236,10 +246,11 @@ impl Proxy {
         routing: &Arc<Routing>,
         route: Option<&ActiveRoute>,
         request: Request<Incoming>,
+        slot: Slot,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         routing.authorize(&request)?;
         if request.method() == Method::CONNECT {
-            return connect::handle(self.clone(), routing.clone(), request).await;
+            return connect::handle(self.clone(), routing.clone(), request, slot).await;
         }
         let uri = request.uri();
         let (Some(scheme), Some(host)) = (uri.scheme(), uri.host()) else {

@@ -75,7 +75,10 @@ pub struct Admission {
     refused: Counter,
 }
 
-/// One admitted connection; dropping it frees its place.
+/// One admitted connection's place, shared with whatever outlives the HTTP
+/// connection (a CONNECT tunnel); the place is free once every clone is dropped.
+pub type Slot = Arc<Admitted>;
+
 pub struct Admitted {
     _permit: OwnedSemaphorePermit,
     _open: GaugeGuard,
@@ -107,7 +110,7 @@ pub async fn accept_loop<F, Fut>(
     admission: Admission,
     on_connection: F,
 ) where
-    F: Fn(TcpStream, SocketAddr) -> Fut,
+    F: Fn(TcpStream, SocketAddr, Slot) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut stop = shutdown.signal();
@@ -117,10 +120,11 @@ pub async fn accept_loop<F, Fut>(
                 Ok((stream, peer)) => match admission.admit() {
                     Some(admitted) => {
                         let _ = stream.set_nodelay(true);
-                        let connection = on_connection(stream, peer);
+                        let slot = Arc::new(admitted);
+                        let connection = on_connection(stream, peer, slot.clone());
                         shutdown.spawn(async move {
                             connection.await;
-                            drop(admitted);
+                            drop(slot);
                         });
                     }
                     None => refuse(stream, &admission),

@@ -34,6 +34,10 @@ pub struct Entry {
     /// `fingerprint()` of the config refresh token this chain started from;
     /// None when it came from `credproxy authorize`.
     pub seed_fingerprint: Option<String>,
+    /// The scope the access token was requested with: a token for another scope
+    /// is not used after a config change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
 }
@@ -257,6 +261,7 @@ mod tests {
             token_type: Some("bearer".into()),
             expires_at: Some(OffsetDateTime::UNIX_EPOCH),
             seed_fingerprint: None,
+            scope: None,
             updated_at: OffsetDateTime::UNIX_EPOCH,
         }
     }

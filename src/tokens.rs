@@ -312,10 +312,9 @@ impl Integration {
         match integration.chain(stored) {
             Ok(chain) => {
                 let now = OffsetDateTime::now_utc();
-                if let Some(entry) = chain
-                    .stored
-                    .filter(|e| e.expires_at.is_some_and(|at| now < at))
-                {
+                if let Some(entry) = chain.stored.filter(|e| {
+                    e.scope == integration.config.scope && e.expires_at.is_some_and(|at| now < at)
+                }) {
                     integration.publish(&entry);
                     integration.lock_status().health = Health::Ok;
                 }
@@ -488,6 +487,7 @@ impl Integration {
                     .unwrap_or(self.config.default_expires_in),
             ),
             seed_fingerprint: chain.seed_fingerprint,
+            scope: self.config.scope.clone(),
             updated_at: now,
         };
         {
@@ -535,6 +535,9 @@ impl Integration {
         let (Some(token), Some(expires_at)) = (&entry.access_token, entry.expires_at) else {
             return false;
         };
+        if entry.scope != self.config.scope {
+            return false;
+        }
         let ours = self.current.load();
         let same = ours.as_ref().is_some_and(|s| s.access_token == *token);
         let due = schedule::refresh_in(

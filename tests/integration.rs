@@ -30,3 +30,12 @@ mod upstream_selftest;
 
 // Issue 4: the one-command demo.
 mod demo;
+
+// Issue 6: operations — admin API, metrics, logs, live reload, limits, sidecars.
+mod ops_admin;
+mod ops_limits;
+mod ops_logs;
+mod ops_metrics;
+mod ops_reload;
+mod ops_secrets;
+mod ops_sidecar;

@@ -3,10 +3,12 @@
 // Each test module uses a different subset of the helpers.
 #![allow(dead_code)]
 
+pub mod admin;
 pub mod ca;
 pub mod cli;
 pub mod client;
 pub mod fixture;
+pub mod prom;
 pub mod proxy;
 pub mod token;
 pub mod upstream;

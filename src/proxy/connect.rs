@@ -13,11 +13,13 @@ use super::{Proxy, Routing, mitm, tunnel};
 use crate::config::Unrouted;
 use crate::metrics::TunnelKind;
 use crate::routes;
+use crate::server::Slot;
 
 pub async fn handle(
     proxy: Arc<Proxy>,
     routing: Arc<Routing>,
     request: Request<Incoming>,
+    slot: Slot,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let authority = request
         .uri()
@@ -40,6 +42,7 @@ pub async fn handle(
         shutdown.spawn(async move {
             match upgrade.await {
                 Ok(upgraded) => {
+                    let _place = slot;
                     let _open = proxy.metrics.tunnel(TunnelKind::Intercepted);
                     mitm::serve(
                         proxy.clone(),
@@ -65,6 +68,7 @@ pub async fn handle(
     shutdown.spawn(async move {
         match upgrade.await {
             Ok(upgraded) => {
+                let _place = slot;
                 let _open = proxy.metrics.tunnel(TunnelKind::Blind);
                 let idle = proxy.limits.tunnel_idle_timeout;
                 tunnel::relay(

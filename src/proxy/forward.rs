@@ -112,7 +112,7 @@ pub async fn routed(
         &rendered.headers,
         body.take(),
     );
-    let response = upstream.send(first).await?;
+    let response = timed(route, upstream.send(first)).await?;
     let Some((integration, snapshot, headers)) =
         retry.filter(|_| response.status() == StatusCode::UNAUTHORIZED)
     else {

@@ -58,9 +58,20 @@ impl Setup {
 
     /// The whole config for `options`, as a builder (for `env()`, `write`, `load`).
     pub fn config(&self, options: &ProxyOptions) -> ConfigBuilder {
-        ConfigBuilder::for_server(&self.dir, &self.tokens)
-            .refresh_token(&self.rt0)
-            .raw(&options.toml(self))
+        let mut builder =
+            ConfigBuilder::for_server(&self.dir, &self.tokens).refresh_token(&self.rt0);
+        if let Some(scope) = &options.scope {
+            builder = builder.scope(scope);
+        }
+        if options.secret_in_file {
+            builder = builder.client_secret_literal(&self.tokens.client_secret());
+        }
+        builder.raw(&options.toml(self))
+    }
+
+    /// Rewrites the config file for `options` (as an operator edits it before a reload).
+    pub fn rewrite_config(&self, options: &ProxyOptions) {
+        self.config(options).write(&self.dir);
     }
 
     /// Starts credproxy in this process and waits until it holds its first token.
@@ -77,10 +88,25 @@ impl Setup {
 
     /// Runs `credproxy run` as a process and waits until it listens.
     pub async fn spawn_proxy(&self, options: &ProxyOptions) -> ProxyProcess {
+        self.spawn_proxy_with(options, &[], &[]).await
+    }
+
+    /// Runs `credproxy GLOBAL_ARGS run -c CONFIG` (e.g. `["--log-format", "json"]`) with
+    /// `env` added (e.g. `RUST_LOG`), and waits until it listens.
+    pub async fn spawn_proxy_with(
+        &self,
+        options: &ProxyOptions,
+        global_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> ProxyProcess {
         let builder = self.config(options);
         builder.write(&self.dir);
         let config = self.dir.config_arg();
-        ProxyProcess::spawn(&self.dir, &["run", "-c", &config], &builder.env()).await
+        let mut args = global_args.to_vec();
+        args.extend(["run", "-c", &config]);
+        let mut vars = builder.env();
+        vars.extend_from_slice(env);
+        ProxyProcess::spawn(&self.dir, &args, &vars).await
     }
 
     /// credproxy's own CA certificate (created on first start).
@@ -120,6 +146,21 @@ pub struct ProxyOptions {
     response_timeout: Option<String>,
     /// Added to (and overriding) the default `upstream.resolve` entries.
     resolve: BTreeMap<String, SocketAddr>,
+    admin_listen: String,
+    admin_token: Option<String>,
+    /// `[limits]` entries: key and TOML value.
+    limits: Vec<(String, String)>,
+    /// `[[sidecars]]` upstream URLs, each listening on 127.0.0.1:0.
+    sidecars: Vec<String>,
+    /// The host of the route to integration `demo`.
+    route_host: String,
+    /// `scope` of integration `demo`.
+    scope: Option<String>,
+    /// The client secret written into the file instead of `${TEST_CLIENT_SECRET}`: for
+    /// in-process reloads, which read variables from the test process's environment.
+    secret_in_file: bool,
+    /// Raw TOML appended at the end (start it with a table header).
+    extra: String,
 }
 
 impl Default for ProxyOptions {
@@ -132,6 +173,14 @@ impl Default for ProxyOptions {
             connect_timeout: "2s".to_owned(),
             response_timeout: None,
             resolve: BTreeMap::new(),
+            admin_listen: "127.0.0.1:0".to_owned(),
+            admin_token: None,
+            limits: Vec::new(),
+            sidecars: Vec::new(),
+            route_host: API_HOST.to_owned(),
+            scope: None,
+            secret_in_file: false,
+            extra: String::new(),
         }
     }
 }
@@ -171,7 +220,75 @@ impl ProxyOptions {
         self
     }
 
-    /// The tables after the integration: `[proxy]`, `[admin]`, `[upstream]`, `[[routes]]`.
+    /// `admin.listen`
+    pub fn admin_listen(mut self, listen: &str) -> Self {
+        listen.clone_into(&mut self.admin_listen);
+        self
+    }
+
+    /// `admin.token`
+    pub fn admin_token(mut self, token: &str) -> Self {
+        self.admin_token = Some(token.to_owned());
+        self
+    }
+
+    /// `limits.KEY = VALUE`, the value as TOML (`"50"`, `"\"1s\""`); replaces an earlier one.
+    pub fn limit(mut self, key: &str, toml_value: &str) -> Self {
+        self.limits.retain(|(k, _)| k != key);
+        self.limits.push((key.to_owned(), toml_value.to_owned()));
+        self
+    }
+
+    pub fn max_connections(self, max: usize) -> Self {
+        self.limit("max_connections", &max.to_string())
+    }
+
+    pub fn max_header_bytes(self, max: usize) -> Self {
+        self.limit("max_header_bytes", &max.to_string())
+    }
+
+    pub fn max_headers(self, max: usize) -> Self {
+        self.limit("max_headers", &max.to_string())
+    }
+
+    /// e.g. `"1s"`
+    pub fn header_read_timeout(self, timeout: &str) -> Self {
+        self.limit("header_read_timeout", &format!("{timeout:?}"))
+    }
+
+    /// A `[[sidecars]]` entry on `127.0.0.1:0` for `upstream` (e.g. `https://api.test/v2`).
+    pub fn sidecar(mut self, upstream: &str) -> Self {
+        self.sidecars.push(upstream.to_owned());
+        self
+    }
+
+    /// The host routed to integration `demo` (default `api.test`).
+    pub fn route_host(mut self, host: &str) -> Self {
+        host.clone_into(&mut self.route_host);
+        self
+    }
+
+    /// Integration `demo`'s `scope`.
+    pub fn scope(mut self, scope: &str) -> Self {
+        self.scope = Some(scope.to_owned());
+        self
+    }
+
+    /// Writes the client secret into the file (see the field).
+    pub fn secret_in_file(mut self) -> Self {
+        self.secret_in_file = true;
+        self
+    }
+
+    /// Raw TOML appended to the config; start it with a table header.
+    pub fn extra(mut self, toml: &str) -> Self {
+        self.extra.push('\n');
+        self.extra.push_str(toml);
+        self
+    }
+
+    /// The tables after the integration: `[proxy]`, `[admin]`, `[upstream]`, `[[routes]]`,
+    /// `[[sidecars]]`, `[limits]`, then `extra`.
     fn toml(&self, setup: &Setup) -> String {
         let s = |value: &str| toml::Value::String(value.to_owned()).to_string();
         let mut resolve: BTreeMap<String, SocketAddr> = BTreeMap::new();
@@ -192,7 +309,10 @@ impl ProxyOptions {
                 s(password)
             ));
         }
-        out.push_str("\n[admin]\nlisten = \"127.0.0.1:0\"\n");
+        out.push_str(&format!("\n[admin]\nlisten = {}\n", s(&self.admin_listen)));
+        if let Some(token) = &self.admin_token {
+            out.push_str(&format!("token = {}\n", s(token)));
+        }
         out.push_str("\n[upstream]\n");
         let extra_ca = setup.dir.test_ca_path();
         out.push_str(&format!(
@@ -210,14 +330,49 @@ impl ProxyOptions {
         out.push_str(&format!("resolve = {{ {} }}\n", entries.join(", ")));
         out.push_str(&format!(
             "\n[[routes]]\nhost = {}\nintegration = {}\n",
-            s(API_HOST),
+            s(&self.route_host),
             s(INTEGRATION)
         ));
         if let Some(tls) = self.upstream_tls {
             out.push_str(&format!("upstream_tls = {tls}\n"));
         }
+        for upstream in &self.sidecars {
+            out.push_str(&format!(
+                "\n[[sidecars]]\nlisten = \"127.0.0.1:0\"\nupstream = {}\n",
+                s(upstream)
+            ));
+        }
+        if !self.limits.is_empty() {
+            out.push_str("\n[limits]\n");
+            for (key, value) in &self.limits {
+                out.push_str(&format!("{key} = {value}\n"));
+            }
+        }
+        out.push_str(&self.extra);
         out
     }
+}
+
+/// An `[integrations.NAME]` table for another token endpoint (its client secret written
+/// into the file), for configs with more than one integration.
+pub fn integration_toml(
+    name: &str,
+    server: &TokenServer,
+    refresh_token: &str,
+    scope: Option<&str>,
+) -> String {
+    let s = |value: &str| toml::Value::String(value.to_owned()).to_string();
+    let mut out = format!(
+        "[integrations.{name}]\nclient_id = {}\nclient_secret = {}\nrefresh_url = {}\nrefresh_token = {}\n",
+        s(&server.client_id()),
+        s(&server.client_secret()),
+        s(&server.url()),
+        s(refresh_token)
+    );
+    if let Some(scope) = scope {
+        out.push_str(&format!("scope = {}\n", s(scope)));
+    }
+    out
 }
 
 // === InProcess ===
@@ -226,6 +381,7 @@ impl ProxyOptions {
 pub struct InProcess {
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    pub sidecar_addrs: Vec<SocketAddr>,
     running: Option<credproxy::app::Running>,
 }
 
@@ -239,8 +395,20 @@ impl InProcess {
         Self {
             proxy_addr: running.proxy_addr,
             admin_addr: running.admin_addr,
+            sidecar_addrs: running.sidecar_addrs.clone(),
             running: Some(running),
         }
+    }
+
+    /// `state.reload()`: re-reads the config file; the changes that need a restart, or
+    /// the error as one line.
+    pub fn reload(&self) -> Result<Vec<String>, String> {
+        self.running
+            .as_ref()
+            .expect("credproxy is still running")
+            .state
+            .reload()
+            .map_err(|e| credproxy::error::chain(&e))
     }
 
     pub fn tokens(&self) -> Arc<credproxy::tokens::Tokens> {
@@ -290,6 +458,7 @@ pub struct ProxyProcess {
     child: Child,
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    pub sidecar_addrs: Vec<SocketAddr>,
     log: Arc<Log>,
 }
 
@@ -355,11 +524,14 @@ impl ProxyProcess {
             child,
             proxy_addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             admin_addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            sidecar_addrs: Vec::new(),
             log,
         };
         let line = process.wait_for_log("credproxy listening").await;
-        process.proxy_addr = field_addr(&line, "proxy_addr=");
-        process.admin_addr = field_addr(&line, "admin_addr=");
+        let listening = Listening::parse(&line);
+        process.proxy_addr = listening.proxy_addr;
+        process.admin_addr = listening.admin_addr;
+        process.sidecar_addrs = listening.sidecar_addrs;
         process
     }
 
@@ -375,24 +547,36 @@ impl ProxyProcess {
     /// Waits for a log line containing `needle` and returns it; panics (showing the log)
     /// after [`WAIT`] or when the process closes stderr first.
     pub async fn wait_for_log(&self, needle: &str) -> String {
+        let mut lines = self.wait_for_log_count(needle, 1).await;
+        lines.swap_remove(0)
+    }
+
+    /// Waits until `n` log lines contain `needle` and returns them all, oldest first.
+    pub async fn wait_for_log_count(&self, needle: &str, n: usize) -> Vec<String> {
         let mut lines = self.log.lines.subscribe();
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             {
                 let state = self.log.state();
-                if let Some(line) = state.text.lines().find(|l| l.contains(needle)) {
-                    return line.to_owned();
+                let found: Vec<String> = state
+                    .text
+                    .lines()
+                    .filter(|l| l.contains(needle))
+                    .map(str::to_owned)
+                    .collect();
+                if found.len() >= n {
+                    return found;
                 }
                 assert!(
                     !state.closed,
-                    "credproxy exited without logging {needle:?}; its log:\n{}",
+                    "credproxy exited without logging {needle:?} {n} times; its log:\n{}",
                     state.text
                 );
             }
             let changed = tokio::time::timeout_at(deadline, lines.changed()).await;
             assert!(
                 matches!(changed, Ok(Ok(()))),
-                "timed out after {WAIT:?} waiting for {needle:?} in the log:\n{}",
+                "timed out after {WAIT:?} waiting for {needle:?} {n} times in the log:\n{}",
                 self.log()
             );
         }
@@ -414,6 +598,16 @@ impl ProxyProcess {
     /// SIGTERM, without waiting.
     pub fn terminate(&self) {
         cli::terminate(&self.child);
+    }
+
+    /// SIGHUP (reload the config), without waiting.
+    pub fn hangup(&self) {
+        let pid = self.pid();
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .expect("running kill(1)");
+        assert!(status.success(), "kill -HUP {pid} failed: {status}");
     }
 
     /// Waits (bounded) for the process to exit after [`terminate`](Self::terminate) and
@@ -456,13 +650,58 @@ impl ProxyProcess {
     }
 }
 
-/// The address after `key` in a log line such as
-/// `… credproxy listening proxy_addr=127.0.0.1:1234 admin_addr=127.0.0.1:5678`.
-fn field_addr(line: &str, key: &str) -> SocketAddr {
-    line.split_whitespace()
-        .find_map(|field| field.strip_prefix(key))
-        .and_then(|addr| addr.parse().ok())
-        .unwrap_or_else(|| panic!("no {key}ADDRESS in the log line {line:?}"))
+/// The addresses in the "credproxy listening" line, as text
+/// (`… credproxy listening proxy_addr=127.0.0.1:1234 admin_addr=127.0.0.1:5678 sidecars=[…]`)
+/// or as a JSON object (`--log-format json`: `{"fields": {"proxy_addr": "…", …}}`).
+struct Listening {
+    proxy_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    sidecar_addrs: Vec<SocketAddr>,
+}
+
+impl Listening {
+    fn parse(line: &str) -> Self {
+        let field = |key: &str| -> Option<String> {
+            if line.trim_start().starts_with('{') {
+                let value: serde_json::Value = serde_json::from_str(line).ok()?;
+                let fields = value.get("fields").unwrap_or(&value);
+                Some(fields.get(key)?.as_str()?.to_owned())
+            } else {
+                let prefix = format!("{key}=");
+                let start = line.find(&prefix)? + prefix.len();
+                let rest = &line[start..];
+                let end = if rest.starts_with('[') {
+                    rest.find(']')? + 1
+                } else {
+                    rest.find(char::is_whitespace).unwrap_or(rest.len())
+                };
+                Some(rest[..end].to_owned())
+            }
+        };
+        let addr = |key: &str| -> SocketAddr {
+            field(key)
+                .and_then(|addr| addr.trim_matches('"').parse().ok())
+                .unwrap_or_else(|| panic!("no {key}=ADDRESS in the log line {line:?}"))
+        };
+        let sidecar_addrs = field("sidecars")
+            .map(|list| {
+                list.trim_matches(|c| c == '[' || c == ']')
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| {
+                        a.parse()
+                            .unwrap_or_else(|_| panic!("bad sidecar address {a:?} in {line:?}"))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            proxy_addr: addr("proxy_addr"),
+            admin_addr: addr("admin_addr"),
+            sidecar_addrs,
+        }
+    }
 }
 
 /// A loopback port nothing listens on: bound, then released.
