@@ -181,7 +181,7 @@ impl Flow {
                                 let response = match &outcome {
                                     Ok(_) => page(
                                         StatusCode::OK,
-                                        "credproxy is authorized. You can close this tab.",
+                                        "credproxy received the authorization code; the terminal shows the outcome. You can close this tab.",
                                     ),
                                     Err(e) => {
                                         page(StatusCode::BAD_REQUEST, &format!("credproxy: {e}"))

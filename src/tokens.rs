@@ -195,8 +195,12 @@ impl Tokens {
     /// Waits (bounded) for refreshes in flight, so a shutdown does not cut one
     /// between the provider's answer and the state write.
     pub async fn quiesce(&self, deadline: Duration) {
-        let all = futures_all(self.integrations.iter().map(|i| i.flight.clone()));
-        let _ = tokio::time::timeout(deadline, all).await;
+        let flights_done = async {
+            for integration in &self.integrations {
+                drop(integration.flight.lock().await);
+            }
+        };
+        let _ = tokio::time::timeout(deadline, flights_done).await;
     }
 }
 
@@ -239,12 +243,6 @@ impl Refreshers {
     }
 }
 
-async fn futures_all(flights: impl Iterator<Item = Arc<tokio::sync::Mutex<Flight>>>) {
-    for flight in flights {
-        drop(flight.lock().await);
-    }
-}
-
 // === impl Integration ===
 
 pub struct Integration {
@@ -257,6 +255,8 @@ pub struct Integration {
     /// Finished refresh attempts; a waiter that sees it move joins that attempt.
     attempts: AtomicU64,
     status: Mutex<StatusInner>,
+    /// The refresh token the provider rejected permanently, and its answer.
+    dead_chain: Mutex<Option<(Secret, RefreshError)>>,
     /// A rotated chain whose state write failed: written first by the next
     /// attempt, so a full disk cannot lose a refresh token.
     unsaved: Mutex<Option<Entry>>,
@@ -266,7 +266,7 @@ pub struct Integration {
 struct Flight {
     last: Option<Outcome>,
     last_finished: Option<Instant>,
-    last_rejected: Option<Instant>,
+    last_forced: Option<Instant>,
 }
 
 struct StatusInner {
@@ -307,6 +307,7 @@ impl Integration {
                 failure_count: 0,
             }),
             unsaved: Mutex::new(None),
+            dead_chain: Mutex::new(None),
             config,
         };
         match integration.chain(stored) {
@@ -392,8 +393,12 @@ impl Integration {
         let current = self.current.load_full();
         // On-demand refreshes: at most one per interval, whatever the outcome, so
         // neither a failing provider nor one issuing already-expired tokens is hammered.
+        // A permanently rejected chain is not sent again (see `dead_chain`), so
+        // retrying after the interval only re-reads the state store.
+        // "Not authorized" is never remembered: looking again costs one state
+        // read, and the user may have just run `credproxy authorize`.
         let recent = || match (&flight.last, flight.last_finished) {
-            (Some(Err(error)), _) if error.is_permanent() => Some(Err(error.clone())),
+            (Some(Err(RefreshError::NotAuthorized(_))), _) => None,
             (Some(outcome), Some(at)) if at.elapsed() < ON_DEMAND_INTERVAL => Some(outcome.clone()),
             _ => None,
         };
@@ -413,13 +418,13 @@ impl Integration {
                 Some(s) if s.generation != generation => Some(Ok(s)),
                 Some(s)
                     if flight
-                        .last_rejected
+                        .last_forced
                         .is_some_and(|at| at.elapsed() < FORCED_INTERVAL) =>
                 {
                     Some(Ok(s))
                 }
                 _ => {
-                    flight.last_rejected = Some(Instant::now());
+                    flight.last_forced = Some(Instant::now());
                     None
                 }
             },
@@ -472,10 +477,28 @@ impl Integration {
             // Another process refreshed while we waited for the lock.
             return Ok(self.publish(entry));
         }
-        let response = self
+        if adopt && let Some((token, error)) = lock(&self.dead_chain).as_ref() {
+            // The provider said this refresh token is dead; asking again would
+            // only hammer it. A new chain (`authorize`, a config change) or an
+            // operator's forced refresh gets through.
+            if *token == chain.refresh_token {
+                return Err(error.clone());
+            }
+        }
+        let response = match self
             .client
             .refresh(&self.config, &chain.refresh_token)
-            .await?;
+            .await
+        {
+            Ok(response) => response,
+            Err(error) => {
+                if error.is_permanent() {
+                    *lock(&self.dead_chain) = Some((chain.refresh_token, error.clone().into()));
+                }
+                return Err(error.into());
+            }
+        };
+        *lock(&self.dead_chain) = None;
         let now = OffsetDateTime::now_utc();
         let entry = Entry {
             refresh_token: response.refresh_token.unwrap_or(chain.refresh_token),

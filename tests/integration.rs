@@ -39,3 +39,6 @@ mod ops_metrics;
 mod ops_reload;
 mod ops_secrets;
 mod ops_sidecar;
+
+// Issue 7: `credproxy authorize`, the authorization-code flow with PKCE.
+mod authorize;

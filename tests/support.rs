@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod admin;
+pub mod authz;
 pub mod ca;
 pub mod cli;
 pub mod client;

@@ -39,7 +39,7 @@ pub async fn run(integration: Arc<Integration>) {
             Err(error) => {
                 failures += 1;
                 let delay = if error.is_permanent() {
-                    schedule::FAILED_RETRY
+                    schedule::FAILED_RECHECK
                 } else {
                     schedule::backoff(failures, rand::random())
                         .max(error.retry_after().unwrap_or_default())

@@ -9,9 +9,10 @@ use time::OffsetDateTime;
 pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
 pub const MIN_BACKOFF: Duration = Duration::from_secs(1);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
-/// After a permanent failure (`invalid_grant`): retry rarely, in case someone
-/// stored a new refresh token meanwhile; never hammer the provider.
-pub const FAILED_RETRY: Duration = Duration::from_secs(30 * 60);
+/// After a permanent failure (`invalid_grant`, not authorized): look again this
+/// often for a new refresh token in the state store (`credproxy authorize`).
+/// The rejected one is never sent again, so this costs the provider nothing.
+pub const FAILED_RECHECK: Duration = Duration::from_secs(15);
 
 /// How long before expiry to refresh: `skew` plus up to 10 % of it as jitter
 /// (so replicas do not refresh in lock-step), but never more than half the

@@ -31,7 +31,7 @@ pub struct RecordedRequest {
 // === impl RecordedRequest ===
 
 impl RecordedRequest {
-    pub(super) fn new(method: Method, path: String, headers: HeaderMap, body: Bytes) -> Self {
+    pub fn new(method: Method, path: String, headers: HeaderMap, body: Bytes) -> Self {
         let content_type = headers
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
