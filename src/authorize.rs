@@ -167,8 +167,8 @@ impl Flow {
                 // Each connection on its own task: a browser may hold one open
                 // (keep-alive, preconnect) while the redirect uses another.
                 tokio::spawn(async move {
-                    let service =
-                        service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                    let service = service_fn(
+                        move |request: http::Request<hyper::body::Incoming>| {
                             let (tx, expected) = (tx.clone(), expected.clone());
                             async move {
                                 if request.uri().path() != expected.path {
@@ -190,7 +190,8 @@ impl Flow {
                                 let _ = tx.send(outcome).await;
                                 Ok(response)
                             }
-                        });
+                        },
+                    );
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .await;

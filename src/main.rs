@@ -12,7 +12,7 @@ use credproxy::{app, commands, config};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.command, cli.log_format);
+    let logs = init_logging(&cli.command, cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -23,7 +23,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    // Queued log lines first, so the error below is the last line.
+    drop(logs);
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("credproxy: {}", error::chain(&e));
@@ -245,7 +248,13 @@ impl Signals {
 
 /// Logs go to stderr. One-shot commands log errors only: what failed is their
 /// result, printed once; `RUST_LOG` overrides.
-fn init_logging(command: &Command, format: LogFormat) {
+/// Lines are written by a background thread: a request never waits for stderr
+/// (a slow pipe or terminal would otherwise stall the proxy). The returned guard
+/// flushes what is queued when `main` ends.
+fn init_logging(
+    command: &Command,
+    format: LogFormat,
+) -> tracing_appender::non_blocking::WorkerGuard {
     let default = match command {
         Command::Run | Command::Demo { .. } => "info",
         Command::Check | Command::Token { .. } | Command::Authorize { .. } | Command::Ca(_) => {
@@ -254,9 +263,10 @@ fn init_logging(command: &Command, format: LogFormat) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_target(false);
     match format {
         LogFormat::Text => logs
@@ -264,4 +274,5 @@ fn init_logging(command: &Command, format: LogFormat) {
             .init(),
         LogFormat::Json => logs.json().init(),
     }
+    guard
 }

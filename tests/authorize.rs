@@ -149,7 +149,11 @@ async fn authorize_stores_tokens_that_check_and_the_proxy_then_use() {
     assert!(location.starts_with(&redirect_uri), "{location}");
     let page = browser.get(&location).await;
     assert_eq!(page.status, StatusCode::OK, "{}", page.body);
-    assert!(page.body.contains("authorized"), "{}", page.body);
+    assert!(
+        page.body.contains("received the authorization code"),
+        "{}",
+        page.body
+    );
 
     let out = run.finish().await;
     out.assert_code(0);
