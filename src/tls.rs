@@ -24,6 +24,26 @@ pub fn provider() -> Arc<CryptoProvider> {
         .clone()
 }
 
+/// The provider for intercepted client connections: AES-128-GCM suites first.
+/// Most clients list AES-256-GCM first, whose SHA-384 key schedule costs a
+/// measurable share of a handshake; both are equally acceptable to them.
+pub fn server_provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| {
+            let mut provider = rustls::crypto::ring::default_provider();
+            provider.cipher_suites.sort_by_key(|suite| {
+                !matches!(
+                    suite.suite(),
+                    rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+                        | rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+                )
+            });
+            Arc::new(provider)
+        })
+        .clone()
+}
+
 /// The system's trusted roots, read once per process (the read costs milliseconds).
 pub fn system_roots() -> &'static [rustls_pki_types::CertificateDer<'static>] {
     static ROOTS: OnceLock<Vec<rustls_pki_types::CertificateDer<'static>>> = OnceLock::new();

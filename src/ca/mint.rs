@@ -133,7 +133,7 @@ impl LeafCache {
             .map_err(sign_err)?;
 
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.serialize_der()));
-        let mut config = ServerConfig::builder_with_provider(tls::provider())
+        let mut config = ServerConfig::builder_with_provider(tls::server_provider())
             .with_safe_default_protocol_versions()
             .and_then(|b| {
                 b.with_no_client_auth()
@@ -144,6 +144,8 @@ impl LeafCache {
                 source,
             })?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // Our suite order (see `tls::server_provider`), not the client's.
+        config.ignore_client_order = true;
         config.session_storage = self.sessions.clone();
         config.ticketer = self.ticketer.clone();
         Ok(config)
