@@ -252,8 +252,10 @@ pub struct Integration {
     current: ArcSwapOption<Snapshot>,
     published: watch::Sender<u64>,
     flight: Arc<tokio::sync::Mutex<Flight>>,
-    /// Finished refresh attempts; a waiter that sees it move joins that attempt.
-    attempts: AtomicU64,
+    /// Refresh attempts started (always under the flight lock). A caller that
+    /// sees it move while waiting for the lock takes that attempt's outcome: the
+    /// attempt began after the caller asked, so it answers the caller's question.
+    started: AtomicU64,
     status: Mutex<StatusInner>,
     /// The refresh token the provider rejected permanently, and its answer.
     dead_chain: Mutex<Option<(Secret, RefreshError)>>,
@@ -298,7 +300,7 @@ impl Integration {
             current: ArcSwapOption::empty(),
             published: watch::Sender::new(0),
             flight: Arc::default(),
-            attempts: AtomicU64::new(0),
+            started: AtomicU64::new(0),
             status: Mutex::new(StatusInner {
                 health: Health::Refreshing,
                 last_refresh_at: None,
@@ -364,9 +366,11 @@ impl Integration {
     /// Refreshes unless `reason` finds the current token good enough. Concurrent
     /// callers share one attempt.
     pub async fn refresh(self: &Arc<Self>, reason: Reason) -> Outcome {
-        let seen = self.attempts.load(Ordering::Acquire);
+        let seen = self.started.load(Ordering::Acquire);
         let mut flight = self.flight.clone().lock_owned().await;
-        if self.attempts.load(Ordering::Acquire) != seen
+        // Holding the lock, no attempt is in flight: one that started after
+        // `seen` has finished and left its outcome.
+        if self.started.load(Ordering::Acquire) != seen
             && let Some(outcome) = &flight.last
         {
             return outcome.clone();
@@ -376,11 +380,11 @@ impl Integration {
         }
         let this = self.clone();
         let adopt = !matches!(reason, Reason::Always);
+        self.started.fetch_add(1, Ordering::Release);
         let task = tokio::spawn(async move {
             let outcome = this.exchange(adopt).await;
             flight.last = Some(outcome.clone());
             flight.last_finished = Some(Instant::now());
-            this.attempts.fetch_add(1, Ordering::Release);
             outcome
         });
         task.await
