@@ -3,6 +3,7 @@
 //! request), each a JSON error with `x-credproxy-error`; and its refusal to start open to
 //! the network without proxy auth.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use base64::prelude::{BASE64_STANDARD, Engine};
@@ -16,6 +17,29 @@ use crate::support::upstream::TestApi;
 
 const USER: &str = "steps";
 const PASSWORD: &str = "pass word:1";
+
+/// GETs `path` on the routed API through the proxy at `proxy_addr` (so the request is
+/// intercepted inside a CONNECT tunnel) and asserts credproxy answered `status` with
+/// `x-credproxy-error: error`; returns the response for the body checks.
+async fn intercepted_error(
+    setup: &Setup,
+    proxy_addr: SocketAddr,
+    path: &str,
+    status: StatusCode,
+    error: &str,
+) -> reqwest::Response {
+    let http = client::reqwest_via(proxy_addr, setup.credproxy_roots());
+    let response = http.get(setup.api_url(path)).send().await.expect("request");
+    assert_eq!(response.status(), status);
+    assert_eq!(
+        response
+            .headers()
+            .get("x-credproxy-error")
+            .and_then(|v| v.to_str().ok()),
+        Some(error)
+    );
+    response
+}
 
 fn basic(user: &str, password: &str) -> String {
     format!(
@@ -188,20 +212,14 @@ async fn an_unreachable_upstream_is_502() {
     let proxy = setup.start_proxy(&options).await;
 
     // Intercepted (CONNECT to the routed host, the 502 comes inside the tunnel) …
-    let http = client::reqwest_via(proxy.proxy_addr, setup.credproxy_roots());
-    let response = http
-        .get(setup.api_url("/echo"))
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
-    assert_eq!(
-        response
-            .headers()
-            .get("x-credproxy-error")
-            .and_then(|v| v.to_str().ok()),
-        Some("upstream_unreachable")
-    );
+    let response = intercepted_error(
+        &setup,
+        proxy.proxy_addr,
+        "/echo",
+        StatusCode::BAD_GATEWAY,
+        "upstream_unreachable",
+    )
+    .await;
     let body: serde_json::Value = response.json().await.expect("JSON error body");
     assert_eq!(body["error"], "upstream_unreachable");
     assert_no_secret_markers(&body.to_string());
@@ -224,20 +242,14 @@ async fn an_upstream_with_an_untrusted_certificate_is_502() {
     let options = ProxyOptions::default().resolve("api.test:443", impostor.https_addr());
     let proxy = setup.start_proxy(&options).await;
 
-    let http = client::reqwest_via(proxy.proxy_addr, setup.credproxy_roots());
-    let response = http
-        .get(setup.api_url("/echo"))
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
-    assert_eq!(
-        response
-            .headers()
-            .get("x-credproxy-error")
-            .and_then(|v| v.to_str().ok()),
-        Some("upstream_unreachable")
-    );
+    let _response = intercepted_error(
+        &setup,
+        proxy.proxy_addr,
+        "/echo",
+        StatusCode::BAD_GATEWAY,
+        "upstream_unreachable",
+    )
+    .await;
     let plain = client::proxy_get(proxy.proxy_addr, "http://api.test/echo", &[]).await;
     plain.assert_credproxy_error(StatusCode::BAD_GATEWAY, "upstream_unreachable");
     assert_eq!(
@@ -255,20 +267,14 @@ async fn no_valid_token_is_503() {
     setup.tokens.revoke_all();
     let proxy = setup.start_proxy_cold(&ProxyOptions::default()).await;
 
-    let http = client::reqwest_via(proxy.proxy_addr, setup.credproxy_roots());
-    let response = http
-        .get(setup.api_url("/echo"))
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(
-        response
-            .headers()
-            .get("x-credproxy-error")
-            .and_then(|v| v.to_str().ok()),
-        Some("no_token")
-    );
+    let response = intercepted_error(
+        &setup,
+        proxy.proxy_addr,
+        "/echo",
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no_token",
+    )
+    .await;
     let body: serde_json::Value = response.json().await.expect("JSON error body");
     assert_eq!(body["error"], "no_token");
     let message = body["message"].as_str().unwrap_or_default();
@@ -295,20 +301,14 @@ async fn an_upstream_that_does_not_answer_in_time_is_504() {
         .start_proxy(&ProxyOptions::default().response_timeout("1s"))
         .await;
 
-    let http = client::reqwest_via(proxy.proxy_addr, setup.credproxy_roots());
-    let response = http
-        .get(setup.api_url("/hang"))
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
-    assert_eq!(
-        response
-            .headers()
-            .get("x-credproxy-error")
-            .and_then(|v| v.to_str().ok()),
-        Some("upstream_timeout")
-    );
+    let response = intercepted_error(
+        &setup,
+        proxy.proxy_addr,
+        "/hang",
+        StatusCode::GATEWAY_TIMEOUT,
+        "upstream_timeout",
+    )
+    .await;
     let body: serde_json::Value = response.json().await.expect("JSON error body");
     assert_eq!(body["error"], "upstream_timeout");
     setup.api.wait_for_parked(1).await;

@@ -21,6 +21,23 @@ fn mode(path: &std::path::Path) -> u32 {
         & 0o777
 }
 
+/// The refresh token in the state file is the one the provider currently expects.
+fn assert_stored_is_latest(fx: &Fixture) {
+    assert_eq!(
+        Some(fx.dir.stored_refresh_token("demo")),
+        fx.server.latest_refresh_token()
+    );
+}
+
+/// Runs `credproxy token demo`, asserts it succeeded with an access token the provider
+/// issued and still honours, and returns that token.
+async fn token_served(fx: &Fixture) -> String {
+    let out = fx.run(&["token", "demo"]).await;
+    out.assert_code(0);
+    assert!(fx.server.is_valid_access_token(out.line()));
+    out.line().to_owned()
+}
+
 /// The refresh tokens presented to the provider, in order.
 fn presented(fx: &Fixture) -> Vec<String> {
     fx.server
@@ -96,16 +113,11 @@ async fn rotated_refresh_token_survives_into_later_processes() {
 
     // The stored access token has expired: `token` refreshes, again from the state.
     fx.server.set_expires_in(token::DEFAULT_EXPIRES_IN);
-    let out = fx.run(&["token", "demo"]).await;
-    out.assert_code(0);
-    assert!(fx.server.is_valid_access_token(out.line()));
+    token_served(&fx).await;
     assert_eq!(presented(&fx), [fx.rt0.clone(), rt1, rt2]);
     assert_eq!(fx.server.grace_redemptions(), 0);
     assert_eq!(fx.server.invalid_grant_count(), 0);
-    assert_eq!(
-        Some(fx.dir.stored_refresh_token("demo")),
-        fx.server.latest_refresh_token()
-    );
+    assert_stored_is_latest(&fx);
 }
 
 /// A provider answering an absurd `expires_in` (10^13 s, past any date a clock can
@@ -127,10 +139,7 @@ async fn absurd_expires_in_neither_panics_nor_loses_the_rotation() {
         fx.dir.state_path().exists(),
         "the rotated refresh token was never stored"
     );
-    assert_eq!(
-        Some(fx.dir.stored_refresh_token("demo")),
-        fx.server.latest_refresh_token()
-    );
+    assert_stored_is_latest(&fx);
 
     fx.server.set_expires_in(token::DEFAULT_EXPIRES_IN);
     fx.run(&["check"]).await.assert_code(0);
@@ -211,10 +220,7 @@ async fn access_token_is_not_served_before_the_rotated_refresh_token_is_saved() 
 
     drop(write_lock);
     let snapshot = caller.await.expect("caller").expect("a token");
-    assert_eq!(
-        Some(fx.dir.stored_refresh_token("demo")),
-        fx.server.latest_refresh_token()
-    );
+    assert_stored_is_latest(&fx);
     assert!(
         fx.server
             .is_valid_access_token(snapshot.access_token.expose())
@@ -268,15 +274,10 @@ async fn token_about_to_expire_is_refreshed_first() {
         expires_at: now + Duration::seconds(20),
         seeded_from: Some(&fx.rt0),
     });
-    let out = fx.run(&["token", "demo"]).await;
-    out.assert_code(0);
-    assert_ne!(out.line(), "at-SECRET-expiring");
-    assert!(fx.server.is_valid_access_token(out.line()));
+    let served = token_served(&fx).await;
+    assert_ne!(served, "at-SECRET-expiring");
     assert_eq!(fx.server.calls(), 1);
-    assert_eq!(
-        Some(fx.dir.stored_refresh_token("demo")),
-        fx.server.latest_refresh_token()
-    );
+    assert_stored_is_latest(&fx);
 }
 
 /// The config's refresh token changed since the state was written (the user
@@ -291,9 +292,7 @@ async fn changed_config_refresh_token_starts_over() {
     let fresh = token::new_refresh_token(0);
     fx.server.reset_chain(&fresh);
     fx.config().refresh_token(&fresh).write(&fx.dir);
-    let out = fx.run(&["token", "demo"]).await;
-    out.assert_code(0);
-    assert!(fx.server.is_valid_access_token(out.line()));
+    token_served(&fx).await;
     assert_eq!(
         fx.server
             .last_request()
@@ -335,9 +334,7 @@ async fn stored_chain_works_without_a_config_refresh_token() {
         expires_at: now - Duration::hours(1),
         seeded_from: None,
     });
-    let out = fx.run(&["token", "demo"]).await;
-    out.assert_code(0);
-    assert!(fx.server.is_valid_access_token(out.line()));
+    token_served(&fx).await;
     assert_eq!(
         fx.server
             .last_request()
@@ -345,10 +342,7 @@ async fn stored_chain_works_without_a_config_refresh_token() {
             .field("refresh_token"),
         Some(fx.rt0.as_str())
     );
-    assert_eq!(
-        Some(fx.dir.stored_refresh_token("demo")),
-        fx.server.latest_refresh_token()
-    );
+    assert_stored_is_latest(&fx);
 }
 
 /// No refresh token in the config nor the state: a clear runtime error, no provider call.

@@ -11,6 +11,7 @@ pub mod client;
 pub mod fixture;
 pub mod prom;
 pub mod proxy;
+pub mod serve;
 pub mod token;
 pub mod upstream;
 pub mod wait;

@@ -38,20 +38,18 @@ use http::header::{CACHE_CONTROL, CONTENT_TYPE, LOCATION};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::watch;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 use url::Url;
 
 use super::ca::TestCa;
 use super::cli::{self, ConfigBuilder, Output, RUN_TIMEOUT, TestDir};
+use super::serve::{self, ServerTask};
 use super::token::{CLIENT_ID, RecordedRequest, WAIT, new_client_secret};
 
 /// The integration's line that asks for offline access, as the Dropbox example does.
@@ -93,7 +91,8 @@ pub fn query_param(url: &str, name: &str) -> Option<String> {
 pub struct AuthzServer {
     addr: std::net::SocketAddr,
     shared: Arc<Shared>,
-    task: JoinHandle<()>,
+    /// Stops serving (connections included) when the server is dropped.
+    task: ServerTask,
 }
 
 struct Shared {
@@ -151,9 +150,7 @@ impl AuthzServer {
     /// `http://127.0.0.1:PORT/callback` on a port found free after this server bound its
     /// own (so the two cannot collide).
     pub async fn start(ca: &TestCa) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("binding the authorization server on 127.0.0.1:0");
+        let listener = serve::bind("authorization server").await;
         let addr = listener
             .local_addr()
             .expect("authorization server local_addr");
@@ -181,7 +178,10 @@ impl AuthzServer {
             }),
             token_calls: watch::Sender::new(0),
         });
-        let task = tokio::spawn(serve(listener, ca.acceptor(), Arc::clone(&shared)));
+        let handler_shared = Arc::clone(&shared);
+        let task = serve::spawn(listener, Some(ca.acceptor()), move |req| {
+            handle(Arc::clone(&handler_shared), req)
+        });
         Self { addr, shared, task }
     }
 
@@ -306,12 +306,6 @@ impl AuthzServer {
     }
 }
 
-impl Drop for AuthzServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 impl Shared {
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
@@ -319,27 +313,6 @@ impl Shared {
 }
 
 // === serving ===
-
-async fn serve(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor, shared: Arc<Shared>) {
-    let mut connections = JoinSet::new();
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
-        let acceptor = acceptor.clone();
-        let shared = Arc::clone(&shared);
-        connections.spawn(async move {
-            let Ok(tls) = acceptor.accept(tcp).await else {
-                return;
-            };
-            let service = service_fn(move |req| handle(Arc::clone(&shared), req));
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tls), service)
-                .await;
-        });
-        while connections.try_join_next().is_some() {}
-    }
-}
 
 /// An answer before it becomes an HTTP response.
 enum Reply {

@@ -20,18 +20,14 @@ use http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use serde_json::json;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use self::chain::{Chain, Redeem};
 pub use self::request::{BodyFormat, RecordedRequest};
 use super::ca::TestCa;
+use super::serve::{self, ServerTask};
 
 /// How long `wait_for_*` waits before failing the test.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -59,7 +55,8 @@ pub enum Failure {
 pub struct TokenServer {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    task: JoinHandle<()>,
+    /// Stops serving (connections included) when the server is dropped.
+    task: ServerTask,
 }
 
 struct Shared {
@@ -123,9 +120,7 @@ impl TokenServer {
     /// Serves `POST /token` on 127.0.0.1 with a leaf from `ca`, accepting `initial_refresh_token`
     /// from client [`CLIENT_ID`] with secret [`client_secret`](Self::client_secret).
     pub async fn start(ca: &TestCa, initial_refresh_token: &str) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("binding the token server on 127.0.0.1:0");
+        let listener = serve::bind("token server").await;
         let addr = listener.local_addr().expect("token server local_addr");
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -149,7 +144,10 @@ impl TokenServer {
             responses: watch::Sender::new(0),
             open: watch::Sender::new(true),
         });
-        let task = tokio::spawn(serve(listener, ca.acceptor(), Arc::clone(&shared)));
+        let handler_shared = Arc::clone(&shared);
+        let task = serve::spawn(listener, Some(ca.acceptor()), move |req| {
+            handle(Arc::clone(&handler_shared), req)
+        });
         Self { addr, shared, task }
     }
 
@@ -303,13 +301,6 @@ impl TokenServer {
     }
 }
 
-impl Drop for TokenServer {
-    fn drop(&mut self) {
-        // Aborting the accept loop drops its JoinSet, which aborts every connection.
-        self.task.abort();
-    }
-}
-
 async fn wait_for(counter: &watch::Sender<u64>, n: u64, what: &str) {
     let mut rx = counter.subscribe();
     let reached = tokio::time::timeout(WAIT, rx.wait_for(|seen| *seen >= n)).await;
@@ -331,28 +322,6 @@ impl Shared {
 }
 
 // === serving ===
-
-async fn serve(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor, shared: Arc<Shared>) {
-    let mut connections = JoinSet::new();
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
-        let acceptor = acceptor.clone();
-        let shared = Arc::clone(&shared);
-        connections.spawn(async move {
-            let Ok(tls) = acceptor.accept(tcp).await else {
-                return;
-            };
-            let service = service_fn(move |req| handle(Arc::clone(&shared), req));
-            // Connection errors (client hung up) are the client's business, not ours.
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tls), service)
-                .await;
-        });
-        while connections.try_join_next().is_some() {}
-    }
-}
 
 /// Decrements the in-flight count however the handler ends (a cancelled future included).
 struct InFlight(Arc<Shared>);

@@ -26,17 +26,14 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use rustls_pki_types::CertificateDer;
 use serde_json::json;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 
 use super::ca::TestCa;
+use super::serve::{self, ServerTask};
 use super::token::WAIT;
 
 /// Names the API's certificate is valid for: the routed host, a host a tunnel must not
@@ -78,7 +75,8 @@ pub struct TestApi {
     http: SocketAddr,
     leaf: CertificateDer<'static>,
     shared: Arc<Shared>,
-    tasks: Vec<JoinHandle<()>>,
+    /// Both accept loops; dropping them aborts their connections, parked ones included.
+    tasks: Vec<ServerTask>,
 }
 
 #[derive(Default)]
@@ -131,13 +129,13 @@ impl TestApi {
             uploaded: watch::Sender::new(0),
             downloaded: watch::Sender::new(0),
         });
-        let https = bind().await;
-        let http = bind().await;
+        let https = serve::bind("test API").await;
+        let http = serve::bind("test API").await;
         let https_addr = https.local_addr().expect("API local_addr");
         let http_addr = http.local_addr().expect("API local_addr");
         let tasks = vec![
-            tokio::spawn(serve(https, Some(acceptor), Arc::clone(&shared))),
-            tokio::spawn(serve(http, None, Arc::clone(&shared))),
+            serve_api(https, Some(acceptor), &shared),
+            serve_api(http, None, &shared),
         ];
         Self {
             https: https_addr,
@@ -227,21 +225,6 @@ impl TestApi {
     }
 }
 
-impl Drop for TestApi {
-    fn drop(&mut self) {
-        // Dropping each accept loop's JoinSet aborts its connections, parked ones included.
-        for task in &self.tasks {
-            task.abort();
-        }
-    }
-}
-
-async fn bind() -> TcpListener {
-    TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("binding the test API on 127.0.0.1:0")
-}
-
 async fn wait_for(counter: &watch::Sender<u64>, n: u64, what: &str) {
     let mut rx = counter.subscribe();
     let reached = tokio::time::timeout(WAIT, rx.wait_for(|seen| *seen >= n)).await;
@@ -262,37 +245,16 @@ impl Shared {
 
 // === serving ===
 
-async fn serve(listener: TcpListener, acceptor: Option<TlsAcceptor>, shared: Arc<Shared>) {
-    let mut connections = JoinSet::new();
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
-        let acceptor = acceptor.clone();
-        let shared = Arc::clone(&shared);
-        connections.spawn(serve_connection(tcp, acceptor, shared));
-        while connections.try_join_next().is_some() {}
-    }
-}
-
-async fn serve_connection(tcp: TcpStream, acceptor: Option<TlsAcceptor>, shared: Arc<Shared>) {
+fn serve_api(
+    listener: TcpListener,
+    acceptor: Option<TlsAcceptor>,
+    shared: &Arc<Shared>,
+) -> ServerTask {
     let tls = acceptor.is_some();
-    let service = service_fn(move |req| handle(Arc::clone(&shared), tls, req));
-    let builder = auto::Builder::new(TokioExecutor::new());
-    // Connection errors (client hung up) are the client's business, not ours.
-    match acceptor {
-        Some(acceptor) => {
-            let Ok(stream) = acceptor.accept(tcp).await else {
-                return;
-            };
-            let _ = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        }
-        None => {
-            let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
-        }
-    }
+    let shared = Arc::clone(shared);
+    serve::spawn(listener, acceptor, move |req| {
+        handle(Arc::clone(&shared), tls, req)
+    })
 }
 
 async fn handle(
