@@ -62,6 +62,8 @@ pub struct Routing {
     routes: Vec<ActiveRoute>,
     unrouted: Unrouted,
     unrouted_metrics: RouteMetrics,
+    /// The route shown in logs for requests without one.
+    unrouted_name: Arc<str>,
     /// The base64 credentials clients must send with `Proxy-Authorization: Basic`.
     auth: Option<String>,
     upstream: Arc<Upstream>,
@@ -119,6 +121,7 @@ impl Routing {
             routes,
             unrouted: config.proxy.unrouted,
             unrouted_metrics: metrics.route(metrics::UNROUTED),
+            unrouted_name: Arc::from("-"),
             auth,
             upstream,
             upstream_config: config.upstream.clone(),
@@ -229,7 +232,7 @@ impl Proxy {
             .unwrap_or_else(ProxyError::into_response);
         let (name, metrics) = match route {
             Some(route) => (route.name.clone(), &route.metrics),
-            None => (Arc::from("-"), &routing.unrouted_metrics),
+            None => (routing.unrouted_name.clone(), &routing.unrouted_metrics),
         };
         // A CONNECT opens a tunnel (counted as one); the requests inside count.
         if method != Method::CONNECT {
@@ -237,7 +240,7 @@ impl Proxy {
         }
         Observed::new(
             response,
-            observe::Line::new(method, host, name, start, Some(peer)),
+            observe::Line::new(method, host.into(), name, start, Some(peer)),
         )
     }
 
@@ -266,7 +269,11 @@ impl Proxy {
         }
         match route {
             Some(route) => {
-                let target = Target::plain(&route.config, routes::normalize(host), uri.port_u16());
+                let target = Target::plain(
+                    &route.config,
+                    routes::normalize(host).into(),
+                    uri.port_u16(),
+                );
                 forward::routed(&routing.upstream, route, &target, request).await
             }
             None if routing.unrouted == Unrouted::Deny => Err(ProxyError::Denied(format!(
@@ -287,13 +294,19 @@ impl Proxy {
     ) -> Response<Observed> {
         let start = Instant::now();
         let method = request.method().clone();
-        let result = match check_tunnel_host(&request, &tunnel.host, tunnel.port) {
+        let result = match check_tunnel_host(&request, &tunnel.target.host, tunnel.port) {
             Ok(()) => forward::routed(&routing.upstream, route, &tunnel.target, request).await,
             Err(error) => Err(error),
         };
         let response = result.unwrap_or_else(ProxyError::into_response);
         route.metrics.record(response.status());
-        let line = observe::Line::new(method, tunnel.host.clone(), route.name.clone(), start, None);
+        let line = observe::Line::new(
+            method,
+            tunnel.target.host.clone(),
+            route.name.clone(),
+            start,
+            None,
+        );
         Observed::new(response, line)
     }
 }

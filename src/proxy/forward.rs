@@ -1,6 +1,8 @@
 //! Sending a request upstream: to a routed host with credentials (and the 401
 //! retry), or, unrouted, as a plain forward proxy would.
 
+use std::sync::Arc;
+
 use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
@@ -19,13 +21,13 @@ use crate::tokens::Reason;
 #[derive(Debug, Clone)]
 pub struct Target {
     pub scheme: Scheme,
-    pub host: String,
+    pub host: Arc<str>,
     pub port: u16,
 }
 
 impl Target {
     /// Inside an intercepted TLS tunnel: TLS to the CONNECT target.
-    pub fn intercepted(host: String, port: u16) -> Self {
+    pub fn intercepted(host: Arc<str>, port: u16) -> Self {
         Self {
             scheme: Scheme::HTTPS,
             host,
@@ -36,7 +38,7 @@ impl Target {
     /// A plain-HTTP request to a routed host: upstream over TLS (port 443 unless
     /// the URL names another) unless the route opts out, so credentials never
     /// travel in plaintext by accident.
-    pub fn plain(route: &Route, host: String, port: Option<u16>) -> Self {
+    pub fn plain(route: &Route, host: Arc<str>, port: Option<u16>) -> Self {
         if route.upstream_tls {
             Self {
                 scheme: Scheme::HTTPS,
@@ -59,7 +61,7 @@ impl Target {
             80
         };
         let authority = if self.port == default {
-            self.host.clone()
+            self.host.to_string()
         } else {
             format!("{}:{}", self.host, self.port)
         };

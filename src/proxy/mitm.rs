@@ -27,8 +27,9 @@ const H2_KEEP_ALIVE: Duration = Duration::from_secs(30);
 
 /// The CONNECT target a tunnel is bound to.
 pub struct Tunnel {
-    pub host: String,
+    /// The CONNECT port; `target` may differ (plain HTTP goes upstream on 443).
     pub port: u16,
+    /// Its host is the CONNECT host.
     pub target: Target,
 }
 
@@ -66,8 +67,8 @@ async fn intercept<S>(
     let io = Prefixed::new(Bytes::copy_from_slice(&first), io);
     if first[0] != TLS_HANDSHAKE {
         // Plain HTTP after CONNECT (some clients do this for port 80).
-        let target = Target::plain(&routing.routes[route].config, host.clone(), Some(port));
-        let tunnel = Tunnel { host, port, target };
+        let target = Target::plain(&routing.routes[route].config, host.into(), Some(port));
+        let tunnel = Tunnel { port, target };
         return serve_http(proxy, routing, route, tunnel, io).await;
     }
     let config = match proxy.leaves.server_config(&host) {
@@ -79,8 +80,8 @@ async fn intercept<S>(
     };
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(io)).await {
         Ok(Ok(tls)) => {
-            let target = Target::intercepted(host.clone(), port);
-            serve_http(proxy, routing, route, Tunnel { host, port, target }, tls).await;
+            let target = Target::intercepted(host.into(), port);
+            serve_http(proxy, routing, route, Tunnel { port, target }, tls).await;
         }
         Ok(Err(error)) => tracing::debug!(%host, %error, "client TLS handshake failed"),
         Err(_) => tracing::debug!(%host, "client TLS handshake timed out"),

@@ -17,7 +17,7 @@ use super::body::{BoxError, ProxyBody};
 /// What the log line says about a request.
 pub struct Line {
     method: Method,
-    host: String,
+    host: Arc<str>,
     route: Arc<str>,
     start: Instant,
     /// None inside an intercepted tunnel: its CONNECT line named the client.
@@ -28,7 +28,7 @@ pub struct Line {
 impl Line {
     pub fn new(
         method: Method,
-        host: String,
+        host: Arc<str>,
         route: Arc<str>,
         start: Instant,
         client: Option<SocketAddr>,
@@ -45,8 +45,12 @@ impl Line {
 
     fn write(&self, bytes: u64) {
         let latency = format_args!("{:.1}ms", self.start.elapsed().as_secs_f64() * 1000.0);
-        let (method, host, route, status) =
-            (&self.method, &self.host, &*self.route, self.status.as_u16());
+        let (method, host, route, status) = (
+            &self.method,
+            &*self.host,
+            &*self.route,
+            self.status.as_u16(),
+        );
         match self.client {
             Some(client) => {
                 tracing::info!(%method, host, route, status, bytes, %latency, %client, "request")

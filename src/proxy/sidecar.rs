@@ -25,7 +25,7 @@ use crate::server;
 
 /// Where one sidecar sends its requests.
 pub struct Upstream {
-    host: String,
+    /// Its host is the upstream's; its port the URL's.
     target: Target,
     /// The upstream URL's path, prefixed to every request path.
     prefix: String,
@@ -34,7 +34,7 @@ pub struct Upstream {
 impl Upstream {
     pub fn new(sidecar: &Sidecar) -> Self {
         let url = &sidecar.upstream;
-        let host = routes::normalize(url.host_str().unwrap_or_default());
+        let host: Arc<str> = routes::normalize(url.host_str().unwrap_or_default()).into();
         let https = url.scheme() == "https";
         let target = Target {
             scheme: if https {
@@ -42,13 +42,12 @@ impl Upstream {
             } else {
                 http::uri::Scheme::HTTP
             },
-            host: host.clone(),
+            host,
             port: url
                 .port_or_known_default()
                 .unwrap_or(if https { 443 } else { 80 }),
         };
         Self {
-            host,
             target,
             prefix: url.path().trim_end_matches('/').to_owned(),
         }
@@ -84,7 +83,7 @@ async fn handle(
     let routing = proxy.routing.load_full();
     let method = request.method().clone();
     // After a reload the route may be gone: never send credentials without one.
-    let route: Option<&ActiveRoute> = routing.lookup(&upstream.host);
+    let route: Option<&ActiveRoute> = routing.lookup(&upstream.target.host);
     let result = match route {
         Some(route) => match with_prefix(request, &upstream.prefix) {
             Ok(request) => {
@@ -94,7 +93,7 @@ async fn handle(
         },
         None => Err(ProxyError::Denied(format!(
             "no route matches {} any more",
-            upstream.host
+            upstream.target.host
         ))),
     };
     let response = result.unwrap_or_else(ProxyError::into_response);
@@ -103,11 +102,17 @@ async fn handle(
             route.metrics.record(response.status());
             route.name.clone()
         }
-        None => Arc::from("-"),
+        None => routing.unrouted_name.clone(),
     };
     Observed::new(
         response,
-        observe::Line::new(method, upstream.host.clone(), name, start, Some(peer)),
+        observe::Line::new(
+            method,
+            upstream.target.host.clone(),
+            name,
+            start,
+            Some(peer),
+        ),
     )
 }
 
