@@ -3,7 +3,9 @@
 //!
 //! # Layout
 //! - `cli`, `commands`, `error`: the command line, one-shot commands, exit codes.
-//! - `config` (+ `config/`): the TOML file, validated; `${VAR}`, durations, header templates.
+//! - `config` (+ `config/`): the TOML file, validated; one file per section
+//!   (proxy, upstream, integration, routes, state, ca, limits), `${VAR}`,
+//!   durations, header templates.
 //! - `secret`: the redacting type every token and client secret lives in.
 //! - `oauth`: one refresh_token exchange with a token endpoint.
 //! - `state`: the state file (atomic writes, 0600, cross-process lock).
