@@ -17,10 +17,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use time::OffsetDateTime;
 use tokio::net::TcpStream;
 
-use crate::app::State;
+use crate::body::{self, ProxyBody};
 use crate::config::Config;
-use crate::proxy::ProxyBody;
-use crate::proxy::body;
+use crate::live::State;
 use crate::secret::Secret;
 use crate::server::{self, Shutdown};
 use crate::tokens::{Health, Reason};
@@ -124,7 +123,7 @@ impl Admin {
                     Err(e) => error(
                         StatusCode::BAD_GATEWAY,
                         "refresh_failed",
-                        &crate::error::chain(&e),
+                        &crate::report::chain(&e),
                     ),
                 },
                 None => error(
@@ -139,7 +138,7 @@ impl Admin {
                     &serde_json::json!({ "reloaded": true, "needs_restart": needs_restart }),
                 ),
                 Err(e) => {
-                    let message = crate::error::chain(&e);
+                    let message = crate::report::chain(&e);
                     tracing::error!(error = %message, "config reload failed; the old config keeps serving");
                     error(StatusCode::BAD_REQUEST, "invalid_config", &message)
                 }
@@ -169,7 +168,7 @@ impl Admin {
             .and_then(|v| v.trim().split_once(' '))
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, token)| token.trim().as_bytes());
-        sent.is_some_and(|sent| crate::proxy::constant_time_eq(sent, expected.expose().as_bytes()))
+        sent.is_some_and(|sent| expected.matches(sent))
     }
 }
 

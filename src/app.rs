@@ -2,7 +2,7 @@
 //! admin listener, started together, reloaded live, stopped gracefully.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -12,14 +12,15 @@ use tokio::net::TcpListener;
 
 use crate::admin;
 use crate::ca::{self, mint::LeafCache};
-use crate::config::{self, Config, ConfigError};
+use crate::config::{Config, ConfigError};
 use crate::error::Error;
+use crate::live::State;
 use crate::metrics::Metrics;
 use crate::oauth::OAuthClient;
 use crate::proxy::{Proxy, sidecar};
 use crate::server::{self, Admission, ShutdownTrigger};
 use crate::state::{FileStore, StateStore};
-use crate::tokens::{Refreshers, Tokens};
+use crate::tokens::Tokens;
 
 /// How long a stop waits for in-flight requests.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -35,20 +36,6 @@ pub struct Running {
     trigger: ShutdownTrigger,
 }
 
-/// What the admin API and a reload work on.
-pub struct State {
-    tokens: Arc<ArcSwap<Tokens>>,
-    proxy: Arc<Proxy>,
-    metrics: Arc<Metrics>,
-    store: Arc<dyn StateStore>,
-    refreshers: Mutex<Refreshers>,
-    /// The config as started: its file is re-read on reload, and its listeners
-    /// and files stay in effect until a restart.
-    started: Config,
-    /// One reload at a time (SIGHUP and the admin API may race).
-    reloading: Mutex<()>,
-}
-
 /// Checks, loads and binds everything, then starts serving. Returns once the
 /// listeners accept connections.
 pub async fn start(config: &Config) -> Result<Running, Error> {
@@ -62,7 +49,7 @@ pub async fn start(config: &Config) -> Result<Running, Error> {
         tracing::info!(cert = %ca.cert_path.display(), "created the local CA; clients must trust it");
     }
     let leaves = LeafCache::new(ca, metrics.cert_cache.clone())
-        .map_err(|e| Error::Failed(crate::error::chain(&e)))?;
+        .map_err(|e| Error::Failed(crate::report::chain(&e)))?;
 
     let proxy_listener = bind("proxy.listen", config.proxy.listen).await?;
     let admin_listener = bind("admin.listen", config.admin.listen).await?;
@@ -79,16 +66,13 @@ pub async fn start(config: &Config) -> Result<Running, Error> {
         metrics.clone(),
         shutdown.clone(),
     )?);
-    let refreshers = Mutex::new(tokens.load().spawn_refreshers());
-    let state = Arc::new(State {
+    let state = Arc::new(State::new(
         tokens,
-        proxy: proxy.clone(),
-        metrics: metrics.clone(),
+        proxy.clone(),
+        metrics.clone(),
         store,
-        refreshers,
-        started: config.clone(),
-        reloading: Mutex::new(()),
-    });
+        config.clone(),
+    ));
 
     // Proxy and sidecars share one connection budget.
     let traffic = Admission::new(
@@ -164,83 +148,13 @@ impl Running {
         if !self.trigger.shutdown(SHUTDOWN_GRACE).await {
             tracing::warn!("some connections were still busy at the shutdown deadline");
         }
-        *lock(&self.state.refreshers) = Refreshers::default();
+        self.state.stop_refreshers();
         self.state.tokens().quiesce(SHUTDOWN_GRACE).await;
     }
 
     pub fn tokens(&self) -> Arc<Tokens> {
         self.state.tokens()
     }
-}
-
-// === impl State ===
-
-impl State {
-    pub fn tokens(&self) -> Arc<Tokens> {
-        self.tokens.load_full()
-    }
-
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
-    }
-
-    /// Re-reads the config file and swaps in its routes, integrations and
-    /// settings. Integrations whose settings did not change keep their tokens.
-    /// An invalid file changes nothing. Returns the changes that need a restart.
-    pub fn reload(&self) -> Result<Vec<String>, Error> {
-        let _one_at_a_time = lock(&self.reloading);
-        let new = config::load(&self.started.source)?;
-        let tokens = self.tokens.load().reloaded(
-            &new,
-            self.store.clone(),
-            OAuthClient::new(&new.upstream)?,
-        )?;
-        self.proxy.reload(&new, &tokens)?;
-        self.tokens.store(Arc::new(tokens));
-        lock(&self.refreshers).sync(&self.tokens.load());
-        Ok(needs_restart(&self.started, &new))
-    }
-
-    /// `reload`, with its outcome logged: for SIGHUP, which has no one to answer.
-    pub fn reload_logged(&self) {
-        match self.reload() {
-            Ok(restart) if restart.is_empty() => tracing::info!("config reloaded"),
-            Ok(restart) => {
-                tracing::warn!(needs_restart = ?restart, "config reloaded; some changes need a restart")
-            }
-            Err(error) => {
-                tracing::error!(error = %crate::error::chain(&error), "config reload failed; the old config keeps serving")
-            }
-        }
-    }
-}
-
-/// Settings a running process cannot change: listeners, files, limits.
-fn needs_restart(started: &Config, new: &Config) -> Vec<String> {
-    let listens = |c: &Config| {
-        c.sidecars
-            .iter()
-            .map(|s| (s.listen, s.upstream.clone()))
-            .collect::<Vec<_>>()
-    };
-    [
-        ("proxy.listen", started.proxy.listen != new.proxy.listen),
-        (
-            "admin",
-            started.admin.listen != new.admin.listen || started.admin.token != new.admin.token,
-        ),
-        (
-            "ca",
-            started.ca.cert != new.ca.cert || started.ca.key != new.ca.key,
-        ),
-        ("state.path", started.state.path != new.state.path),
-        ("sidecars", listens(started) != listens(new)),
-        ("limits", started.limits != new.limits),
-    ]
-    .into_iter()
-    .filter(|(_, changed)| *changed)
-    .map(|(key, _)| key.to_owned())
-    .collect()
 }
 
 async fn bind(key: &str, addr: SocketAddr) -> Result<TcpListener, Error> {
@@ -253,10 +167,4 @@ fn local_addr(listener: &TcpListener) -> Result<SocketAddr, Error> {
     listener
         .local_addr()
         .map_err(|e| Error::Failed(format!("cannot read the listening address: {e}")))
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

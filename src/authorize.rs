@@ -23,12 +23,13 @@ use time::OffsetDateTime;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
+use crate::body::{self, ProxyBody};
 use crate::config::{Config, IntegrationConfig};
-use crate::error::Error;
 use crate::oauth::OAuthClient;
-use crate::proxy::body::{self, ProxyBody};
 use crate::secret::Secret;
-use crate::state::{self, Entry, FileStore, StateStore};
+use crate::state::{self, Entry, FileStore, StateError, StateStore};
+use crate::tls::TlsError;
+use crate::tokens::RefreshError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthorizeError {
@@ -62,6 +63,23 @@ pub enum AuthorizeError {
         #[source]
         source: std::io::Error,
     },
+    /// The command line named something the config cannot authorize (exit 2).
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Exchange(#[from] RefreshError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("the state write stopped unexpectedly")]
+    Interrupted(#[source] tokio::task::JoinError),
+}
+
+impl AuthorizeError {
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Self::Usage(_))
+    }
 }
 
 /// One authorization in progress.
@@ -73,18 +91,18 @@ pub struct Flow {
 }
 
 impl Flow {
-    pub fn new(config: &Config, name: &str) -> Result<Self, Error> {
+    pub fn new(config: &Config, name: &str) -> Result<Self, AuthorizeError> {
         let integration = config
             .integration(name)
             .ok_or_else(|| {
-                Error::Usage(format!(
+                AuthorizeError::Usage(format!(
                     "{}: no integration named {name:?}",
                     config.source.display()
                 ))
             })?
             .clone();
         let Some(authorize_url) = &integration.authorize_url else {
-            return Err(Error::Usage(format!(
+            return Err(AuthorizeError::Usage(format!(
                 "{}: integrations.{name}.authorize_url is not set (e.g. \"https://www.dropbox.com/oauth2/authorize\")",
                 config.source.display()
             )));
@@ -226,14 +244,20 @@ impl Flow {
 
     /// Exchanges `code` and stores the tokens; the integration then works with
     /// no refresh token in the config. Returns when the access token expires.
-    pub async fn complete(&self, config: &Config, code: &Secret) -> Result<OffsetDateTime, Error> {
+    pub async fn complete(
+        &self,
+        config: &Config,
+        code: &Secret,
+    ) -> Result<OffsetDateTime, AuthorizeError> {
         let client = OAuthClient::new(&config.upstream)?;
         let response = client
             .exchange_code(&self.integration, code, &self.verifier)
             .await
-            .map_err(crate::tokens::RefreshError::from)?;
+            .map_err(RefreshError::from)?;
         let Some(refresh_token) = response.refresh_token else {
-            return Err(AuthorizeError::NoRefreshToken(self.integration.name.clone()).into());
+            return Err(AuthorizeError::NoRefreshToken(
+                self.integration.name.clone(),
+            ));
         };
         let now = OffsetDateTime::now_utc();
         let expires_at = now
@@ -262,7 +286,7 @@ impl Flow {
             store.save(&name, &entry)
         })
         .await
-        .map_err(|e| Error::Failed(format!("the state write stopped unexpectedly: {e}")))??;
+        .map_err(AuthorizeError::Interrupted)??;
         Ok(expires_at)
     }
 }
@@ -288,9 +312,9 @@ impl Expected {
                 description: params.get("error_description").map(|d| printable(d)),
             });
         }
-        let state_matches = params.get("state").is_some_and(|sent| {
-            crate::proxy::constant_time_eq(sent.as_bytes(), self.state.expose().as_bytes())
-        });
+        let state_matches = params
+            .get("state")
+            .is_some_and(|sent| self.state.matches(sent.as_bytes()));
         if !state_matches {
             return Err(AuthorizeError::StateMismatch(name()));
         }

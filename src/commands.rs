@@ -8,8 +8,9 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 use crate::config::Config;
-use crate::error::{self, Error};
+use crate::error::Error;
 use crate::oauth::OAuthClient;
+use crate::report;
 use crate::secret::Secret;
 use crate::state::FileStore;
 use crate::tokens::{Reason, Tokens};
@@ -54,7 +55,7 @@ pub async fn check(config: &Config) -> Result<CheckReport, Error> {
                 ),
                 Err(err) => {
                     all_ok = false;
-                    let text = error::chain(&err);
+                    let text = report::chain(&err);
                     let reason = text.strip_prefix(&format!("{name}: ")).unwrap_or(&text);
                     format!("{name}: error: {reason}")
                 }

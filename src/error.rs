@@ -32,22 +32,8 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Self::Config(_) | Self::Usage(_) => 2,
+            Self::Authorize(error) if error.is_usage() => 2,
             _ => 1,
         }
     }
-}
-
-/// An error and its causes on one line, joined by ": ".
-pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.ends_with(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }

@@ -7,7 +7,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use credproxy::cli::{CaCommand, Cli, Command, LogFormat};
-use credproxy::error::{self, Error};
+use credproxy::error::Error;
+use credproxy::report;
 use credproxy::{app, commands, config};
 
 fn main() -> ExitCode {
@@ -29,7 +30,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("credproxy: {}", error::chain(&e));
+            eprintln!("credproxy: {}", report::chain(&e));
             ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
         }
     }
@@ -103,7 +104,7 @@ async fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> Result<ExitCode, 
         .map_err(|e| Error::Failed(format!("cannot create a temporary directory: {e}")))?;
     let world = credproxy::demo::DemoWorld::start(dir.path())
         .await
-        .map_err(|e| Error::Failed(error::chain(&e)))?;
+        .map_err(|e| Error::Failed(report::chain(&e)))?;
     let config_path = dir.path().join("credproxy-demo.toml");
     let config = config::parse(
         &config_path,

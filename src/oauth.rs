@@ -193,7 +193,7 @@ impl OAuthClient {
             fail(
                 Failure::Transient,
                 None,
-                format!("token endpoint {what}: {}", crate::error::chain(&e)),
+                format!("token endpoint {what}: {}", crate::report::chain(&e)),
             )
         })?;
         let status = response.status();
@@ -211,7 +211,7 @@ impl OAuthClient {
                 Some(status),
                 format!(
                     "token endpoint answered {status} but the body failed: {}",
-                    crate::error::chain(&e)
+                    crate::report::chain(&e)
                 ),
             )
         })? {

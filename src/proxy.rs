@@ -6,7 +6,6 @@
 //! trust) lives in one `Routing`, swapped whole; each request and each tunnel
 //! keeps the `Routing` it started with until it finishes.
 
-pub mod body;
 mod connect;
 pub mod error;
 mod forward;
@@ -33,17 +32,18 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-pub use body::ProxyBody;
 use error::ProxyError;
 use forward::Target;
 use inject::Injector;
 pub use observe::Observed;
 use upstream::Upstream;
 
+use crate::body::ProxyBody;
 use crate::ca::mint::LeafCache;
 use crate::config::{Config, Limits, Route, Unrouted, UpstreamConfig};
 use crate::metrics::{self, Metrics, RouteMetrics};
 use crate::routes::{self, RouteTable};
+use crate::secret::Secret;
 use crate::server::{self, Shutdown, Slot};
 use crate::tls::TlsError;
 use crate::tokens::Tokens;
@@ -65,7 +65,7 @@ pub struct Routing {
     /// The route shown in logs for requests without one.
     unrouted_name: Arc<str>,
     /// The base64 credentials clients must send with `Proxy-Authorization: Basic`.
-    auth: Option<String>,
+    auth: Option<Secret>,
     upstream: Arc<Upstream>,
     upstream_config: UpstreamConfig,
 }
@@ -114,7 +114,7 @@ impl Routing {
             .collect();
         let auth = config.proxy.auth.as_ref().map(|auth| {
             let pair = format!("{}:{}", auth.username, auth.password.expose());
-            base64::engine::general_purpose::STANDARD.encode(pair)
+            Secret::new(base64::engine::general_purpose::STANDARD.encode(pair))
         });
         Ok(Self {
             table: RouteTable::new(config.routes.iter().map(|r| &r.host)),
@@ -145,7 +145,7 @@ impl Routing {
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"))
             .map(|(_, credentials)| credentials.trim());
         match credentials {
-            Some(sent) if constant_time_eq(sent.as_bytes(), expected.as_bytes()) => Ok(()),
+            Some(sent) if expected.matches(sent.as_bytes()) => Ok(()),
             _ => Err(ProxyError::AuthRequired),
         }
     }
@@ -338,8 +338,4 @@ fn check_tunnel_host(request: &Request<Incoming>, host: &str, port: u16) -> Resu
         }
     }
     Ok(())
-}
-
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

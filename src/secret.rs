@@ -8,6 +8,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use subtle::ConstantTimeEq;
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(Arc<str>);
@@ -28,6 +29,12 @@ impl Secret {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// Whether `presented` is this secret, compared in constant time so the
+    /// answer's timing does not reveal how much of a guess was right.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        self.0.as_bytes().ct_eq(presented).into()
     }
 }
 
@@ -66,5 +73,14 @@ mod tests {
         assert_eq!(format!("{secret:?}"), "Secret([redacted])");
         assert_eq!(format!("{secret}"), "[redacted]");
         assert_eq!(secret.expose(), "hunter2");
+    }
+
+    #[test]
+    fn matches_only_the_same_bytes() {
+        let secret = Secret::new("hunter2");
+        assert!(secret.matches(b"hunter2"));
+        assert!(!secret.matches(b"hunter3"));
+        assert!(!secret.matches(b"hunter"));
+        assert!(!secret.matches(b""));
     }
 }

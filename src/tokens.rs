@@ -609,8 +609,8 @@ impl Integration {
         } else {
             Health::BackingOff
         };
-        status.last_error = Some(crate::error::chain(error));
-        tracing::warn!(integration = %self.name(), error = %crate::error::chain(error), "refresh failed");
+        status.last_error = Some(crate::report::chain(error));
+        tracing::warn!(integration = %self.name(), error = %crate::report::chain(error), "refresh failed");
     }
 
     pub fn health(&self) -> Health {

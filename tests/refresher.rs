@@ -205,7 +205,7 @@ async fn invalid_grant_fails_without_hammering() {
     for request in requests {
         let error = match request.await.expect("request task") {
             Ok(_) => panic!("a token was served after invalid_grant"),
-            Err(error) => credproxy::error::chain(&error),
+            Err(error) => credproxy::report::chain(&error),
         };
         assert!(error.contains("invalid_grant"), "{error}");
         assert_no_secret_markers(&error);

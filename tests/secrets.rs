@@ -147,7 +147,7 @@ async fn provider_echoing_secrets_is_redacted() {
         let integration = tokens.get("demo").expect("demo").clone();
         fx.server.fail_next(1, Failure::EchoSecrets);
         let error = integration.ready().await.expect_err("the provider refused");
-        assert_no_secret_markers(&credproxy::error::chain(&error));
+        assert_no_secret_markers(&credproxy::report::chain(&error));
         assert_no_secret_markers(&format!("{error:?}"));
         let status = integration.status();
         assert_no_secret_markers(&format!("{status:?}"));

@@ -7,9 +7,10 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use super::body::{self, ProxyBody};
 use super::error::ProxyError;
 use super::{Proxy, Routing, mitm, tunnel};
+
+use crate::body::{self, ProxyBody};
 use crate::config::Unrouted;
 use crate::metrics::TunnelKind;
 use crate::routes;

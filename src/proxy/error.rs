@@ -3,7 +3,7 @@
 
 use http::{HeaderValue, Response, StatusCode, header};
 
-use super::body::{self, ProxyBody};
+use crate::body::{self, ProxyBody};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {

@@ -9,11 +9,12 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::ActiveRoute;
-use super::body::{self, ProxyBody};
 use super::error::ProxyError;
 use super::inject;
 use super::retry::RequestBody;
 use super::upstream::Upstream;
+
+use crate::body::{self, ProxyBody};
 use crate::config::Route;
 use crate::tokens::Reason;
 
@@ -88,7 +89,7 @@ pub async fn routed(
             integration
                 .ready()
                 .await
-                .map_err(|e| ProxyError::NoToken(crate::error::chain(&e)))?,
+                .map_err(|e| ProxyError::NoToken(crate::report::chain(&e)))?,
         ),
         None => None,
     };

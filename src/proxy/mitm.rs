@@ -74,7 +74,7 @@ async fn intercept<S>(
     let config = match proxy.leaves.server_config(&host) {
         Ok(config) => config,
         Err(error) => {
-            tracing::warn!(error = %crate::error::chain(&error), "cannot intercept");
+            tracing::warn!(error = %crate::report::chain(&error), "cannot intercept");
             return;
         }
     };

@@ -12,7 +12,7 @@ use http::{Method, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
-use super::body::{BoxError, ProxyBody};
+use crate::body::{BoxError, ProxyBody};
 
 /// What the log line says about a request.
 pub struct Line {

@@ -6,8 +6,9 @@ use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use super::body::{self, ProxyBody};
 use super::error::ProxyError;
+
+use crate::body::{self, ProxyBody};
 
 /// Bodies up to this size are kept for a resend after a 401.
 pub const MAX_REPLAY: u64 = 1024 * 1024;

@@ -20,8 +20,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-use super::body::ProxyBody;
 use super::error::ProxyError;
+
+use crate::body::ProxyBody;
 use crate::config::UpstreamConfig;
 use crate::routes;
 use crate::tls::{self, TlsError};
@@ -110,7 +111,7 @@ struct SignalOnDrop {
 
 impl http_body::Body for SignalOnDrop {
     type Data = bytes::Bytes;
-    type Error = super::body::BoxError;
+    type Error = crate::body::BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -129,7 +130,7 @@ impl http_body::Body for SignalOnDrop {
 }
 
 fn classify(authority: &str, error: &hyper_util::client::legacy::Error) -> ProxyError {
-    let text = crate::error::chain(error);
+    let text = crate::report::chain(error);
     if error.is_connect() {
         // The connector reports its own timeout as TimedOut.
         let timed_out = std::error::Error::source(error)

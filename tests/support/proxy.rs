@@ -391,7 +391,9 @@ impl InProcess {
         let running = tokio::time::timeout(WAIT, credproxy::app::start(config))
             .await
             .expect("credproxy did not start in time")
-            .unwrap_or_else(|e| panic!("credproxy did not start: {}", credproxy::error::chain(&e)));
+            .unwrap_or_else(|e| {
+                panic!("credproxy did not start: {}", credproxy::report::chain(&e))
+            });
         Self {
             proxy_addr: running.proxy_addr,
             admin_addr: running.admin_addr,
@@ -408,7 +410,7 @@ impl InProcess {
             .expect("credproxy is still running")
             .state
             .reload()
-            .map_err(|e| credproxy::error::chain(&e))
+            .map_err(|e| credproxy::report::chain(&e))
     }
 
     pub fn tokens(&self) -> Arc<credproxy::tokens::Tokens> {
