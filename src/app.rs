@@ -97,8 +97,8 @@ pub async fn start(config: &Config) -> Result<Running, Error> {
             listener,
             shutdown.clone(),
             traffic.clone(),
-            move |stream, peer, _slot| {
-                sidecar::serve_connection(proxy.clone(), upstream.clone(), stream, peer)
+            move |stream, peer, slot| {
+                sidecar::serve_connection(proxy.clone(), upstream.clone(), stream, peer, slot)
             },
         ));
     }

@@ -11,7 +11,8 @@
 //! - `error`: the top-level error and its exit codes.
 //! - `authorize`: `credproxy authorize`, the authorization-code flow with PKCE.
 //! - `proxy` (+ `proxy/`): the forward proxy: CONNECT interception or tunnel,
-//!   injection, upstream pool, 401 retry, error responses.
+//!   injection, upstream pool, 401 retry, upgrades (WebSocket) relayed as
+//!   tunnels, error responses.
 //! - `server`: accept loops and graceful shutdown.
 //! - `ca` (+ `ca/mint`): the local CA and the leaf certificates minted from it.
 //! - `metrics`: Prometheus counters, histograms and gauges.

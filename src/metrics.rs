@@ -77,6 +77,8 @@ pub struct CertCacheMetrics {
 pub enum TunnelKind {
     Blind,
     Intercepted,
+    /// A connection taken over after a 101 (WebSocket and other upgrades).
+    Upgraded,
 }
 
 impl Metrics {
@@ -118,7 +120,7 @@ impl Metrics {
         let tunnels = Family::<KindLabels, Gauge>::default();
         registry.register(
             "tunnels",
-            "Open CONNECT tunnels, blind or intercepted",
+            "Open tunnels: blind or intercepted CONNECT, and upgraded connections",
             tunnels.clone(),
         );
         let cache = Family::<ResultLabels, Counter>::default();
@@ -173,6 +175,7 @@ impl Metrics {
         let kind = match kind {
             TunnelKind::Blind => "blind",
             TunnelKind::Intercepted => "intercepted",
+            TunnelKind::Upgraded => "upgraded",
         };
         GaugeGuard::new(self.tunnels.get_or_create(&KindLabels { kind }).clone())
     }

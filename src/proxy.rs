@@ -1,6 +1,7 @@
 //! The forward proxy: one entry point per request. It checks proxy
 //! authentication (407), then dispatches: CONNECT to `connect`, absolute-form
-//! plain HTTP to `forward`. Everything else is a 400.
+//! plain HTTP to `forward` (or `upgrade`, for a WebSocket or other upgrade to
+//! a routed host). Everything else is a 400.
 //!
 //! What a reload may change (routes, credentials, proxy settings, upstream
 //! trust) lives in one `Routing`, swapped whole; each request and each tunnel
@@ -16,6 +17,7 @@ mod prefixed;
 mod retry;
 pub mod sidecar;
 mod tunnel;
+mod upgrade;
 pub mod upstream;
 
 use std::convert::Infallible;
@@ -67,6 +69,8 @@ pub struct Routing {
     /// The base64 credentials clients must send with `Proxy-Authorization: Basic`.
     auth: Option<Secret>,
     upstream: Arc<Upstream>,
+    /// Dedicated HTTP/1.1 connections for upgrades.
+    upgrades: upgrade::Dialer,
     upstream_config: UpstreamConfig,
 }
 
@@ -124,6 +128,7 @@ impl Routing {
             unrouted_name: Arc::from("-"),
             auth,
             upstream,
+            upgrades: upgrade::Dialer::new(&config.upstream)?,
             upstream_config: config.upstream.clone(),
         })
     }
@@ -274,13 +279,31 @@ impl Proxy {
                     routes::normalize(host).into(),
                     uri.port_u16(),
                 );
-                forward::routed(&routing.upstream, route, &target, request).await
+                self.routed(routing, route, &target, request, slot).await
             }
             None if routing.unrouted == Unrouted::Deny => Err(ProxyError::Denied(format!(
                 "{} has no route and proxy.unrouted is \"deny\"",
                 routes::normalize(host)
             ))),
             None => forward::unrouted(&routing.upstream, request).await,
+        }
+    }
+
+    /// A request to a routed host: an upgrade goes over its own connection and
+    /// becomes a tunnel holding `slot`; anything else is forwarded.
+    async fn routed(
+        &self,
+        routing: &Routing,
+        route: &ActiveRoute,
+        target: &Target,
+        request: Request<Incoming>,
+        slot: Slot,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        match upgrade::asked(&request) {
+            Some(asked) => {
+                upgrade::routed(self, routing, slot, route, target, request, asked).await
+            }
+            None => forward::routed(&routing.upstream, route, target, request).await,
         }
     }
 
@@ -295,7 +318,11 @@ impl Proxy {
         let start = Instant::now();
         let method = request.method().clone();
         let result = match check_tunnel_host(&request, &tunnel.target.host, tunnel.port) {
-            Ok(()) => forward::routed(&routing.upstream, route, &tunnel.target, request).await,
+            Ok(()) => {
+                let slot = tunnel.slot.clone();
+                self.routed(routing, route, &tunnel.target, request, slot)
+                    .await
+            }
             Err(error) => Err(error),
         };
         let response = result.unwrap_or_else(ProxyError::into_response);

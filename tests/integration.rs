@@ -42,3 +42,6 @@ mod ops_sidecar;
 
 // Issue 7: `credproxy authorize`, the authorization-code flow with PKCE.
 mod authorize;
+
+// Issue 18: WebSockets and other upgrades through interception; streaming responses.
+mod proxy_websocket;

@@ -1,6 +1,7 @@
 //! Bodies stream through the real `credproxy run` process in both directions: 200 MiB
 //! each way, over HTTP/1.1 and h2 between client and proxy, byte counts checked at both
-//! ends, and the process's peak RSS (VmHWM) stays far below the body size.
+//! ends, and the process's peak RSS (VmHWM) stays far below the body size. Server-sent
+//! events reach the client as they are sent, each event timed from API to client.
 
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use http_body_util::BodyExt;
 
 use crate::support::client::{self, Answer, PacedBody};
 use crate::support::proxy::{ProxyOptions, ProxyProcess, Setup, TRANSFER_TIMEOUT};
-use crate::support::upstream::ZeroBody;
+use crate::support::upstream::{ZeroBody, events};
 
 const SIZE: u64 = 200 * 1024 * 1024;
 /// Peak RSS allowed for the proxy process, in KiB: half of one body.
@@ -162,5 +163,86 @@ async fn an_upload_slower_than_the_response_timeout_still_completes() {
         answer.text()
     );
     assert_eq!(answer.json()["received"], size);
+    proxy.stop().await;
+}
+
+/// Reads `/events/NAME` on `send`'s connection; returns when each event arrived.
+async fn event_arrivals<F, Fut>(send: F, name: &str) -> Vec<tokio::time::Instant>
+where
+    F: FnOnce(Request<client::BoxedBody>) -> Fut,
+    Fut: Future<Output = http::Response<hyper::body::Incoming>>,
+{
+    let request = client::get(&format!("/events/{name}"), "api.test", &[]);
+    let response = send(request).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers().get("content-type").map(|v| v.as_bytes()),
+        Some(&b"text/event-stream"[..])
+    );
+    let mut body = response.into_body();
+    let mut text = String::new();
+    let mut arrivals = Vec::new();
+    while arrivals.len() < events::COUNT {
+        let frame = tokio::time::timeout(client::CLIENT_TIMEOUT, body.frame())
+            .await
+            .expect("no event in time")
+            .expect("the stream ended early")
+            .expect("reading the stream");
+        let now = tokio::time::Instant::now();
+        if let Ok(data) = frame.into_data() {
+            text.push_str(std::str::from_utf8(&data).expect("UTF-8 events"));
+        }
+        // Every event complete in what has arrived so far arrived now.
+        while text.starts_with(&events::event(arrivals.len())) {
+            text.drain(..events::event(arrivals.len()).len());
+            arrivals.push(now);
+        }
+    }
+    arrivals
+}
+
+/// Server-sent events are not buffered: three events 1.5 s apart each reach the client
+/// within 300 ms of the API sending them, over HTTP/1.1 and h2 between client and proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_sent_events_reach_the_client_as_they_are_sent_over_http1_and_h2() {
+    const WITHIN: Duration = Duration::from_millis(300);
+    let setup = Setup::start().await;
+    let proxy = setup.start_proxy(&ProxyOptions::default()).await;
+    let tunnel = |alpn: &'static [u8]| {
+        let config = client::with_alpn(setup.credproxy_client_config(), &[alpn]);
+        async move {
+            let tunnel = client::connect(proxy.proxy_addr, "api.test:443", &[])
+                .await
+                .tunnel();
+            client::tls(tunnel, "api.test", config).await
+        }
+    };
+    let mut h1 = client::h1(tunnel(b"http/1.1").await).await;
+    let mut h2 = client::h2(tunnel(b"h2").await).await;
+    let (over_h1, over_h2) = tokio::join!(
+        event_arrivals(
+            |r| async move { h1.send_request(r).await.expect("h1 request") },
+            "h1"
+        ),
+        event_arrivals(
+            |mut r| async move {
+                *r.uri_mut() = http::Uri::from_static("https://api.test/events/h2");
+                h2.send_request(r).await.expect("h2 request")
+            },
+            "h2"
+        ),
+    );
+    for (name, arrivals) in [("h1", over_h1), ("h2", over_h2)] {
+        let sent = setup.api.events_sent(name);
+        assert_eq!(sent.len(), events::COUNT, "{name}: events sent");
+        for (n, (sent, arrived)) in sent.iter().zip(&arrivals).enumerate() {
+            let delay = arrived.saturating_duration_since(*sent);
+            println!("{name}: event {n} reached the client {delay:?} after it was sent");
+            assert!(
+                delay <= WITHIN,
+                "{name}: event {n} took {delay:?} to reach the client (allowed {WITHIN:?})"
+            );
+        }
+    }
     proxy.stop().await;
 }

@@ -15,3 +15,4 @@ pub mod serve;
 pub mod token;
 pub mod upstream;
 pub mod wait;
+pub mod websocket;

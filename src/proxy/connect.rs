@@ -43,17 +43,9 @@ pub async fn handle(
         shutdown.spawn(async move {
             match upgrade.await {
                 Ok(upgraded) => {
-                    let _place = slot;
                     let _open = proxy.metrics.tunnel(TunnelKind::Intercepted);
-                    mitm::serve(
-                        proxy.clone(),
-                        routing,
-                        route,
-                        host,
-                        port,
-                        TokioIo::new(upgraded),
-                    )
-                    .await;
+                    let io = TokioIo::new(upgraded);
+                    mitm::serve(proxy.clone(), routing, route, (host, port), slot, io).await;
                 }
                 Err(error) => tracing::debug!(%error, "CONNECT upgrade failed"),
             }

@@ -10,13 +10,12 @@ use tokio::time::Instant;
 
 use super::ActiveRoute;
 use super::error::ProxyError;
-use super::inject;
-use super::retry::RequestBody;
+use super::inject::{self, Injector};
+use super::retry::{self, RequestBody};
 use super::upstream::Upstream;
-
 use crate::body::{self, ProxyBody};
 use crate::config::Route;
-use crate::tokens::Reason;
+use crate::tokens::Snapshot;
 
 /// Where a routed request goes.
 #[derive(Debug, Clone)]
@@ -55,20 +54,24 @@ impl Target {
         }
     }
 
-    fn uri(&self, path: Option<&PathAndQuery>) -> Result<Uri, ProxyError> {
+    /// `host`, or `host:port` when the port is not the scheme's default.
+    pub fn authority(&self) -> String {
         let default = if self.scheme == Scheme::HTTPS {
             443
         } else {
             80
         };
-        let authority = if self.port == default {
+        if self.port == default {
             self.host.to_string()
         } else {
             format!("{}:{}", self.host, self.port)
-        };
+        }
+    }
+
+    fn uri(&self, path: Option<&PathAndQuery>) -> Result<Uri, ProxyError> {
         Uri::builder()
             .scheme(self.scheme.clone())
-            .authority(authority)
+            .authority(self.authority())
             .path_and_query(path.map_or("/", |p| p.as_str()))
             .build()
             .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URL: {e}")))
@@ -84,15 +87,7 @@ pub async fn routed(
     request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let injector = &route.injector;
-    let snapshot = match &injector.integration {
-        Some(integration) => Some(
-            integration
-                .ready()
-                .await
-                .map_err(|e| ProxyError::NoToken(crate::report::chain(&e)))?,
-        ),
-        None => None,
-    };
+    let snapshot = current_token(injector).await?;
     let (mut parts, body) = request.into_parts();
     inject::strip_hop_by_hop(&mut parts.headers);
     // The upstream's Host comes from the target URI (RFC 9112 §3.2.2): a client's
@@ -121,22 +116,28 @@ pub async fn routed(
     else {
         return Ok(relay(response));
     };
-    match integration
-        .refresh(Reason::Rejected {
-            generation: snapshot.generation,
-        })
-        .await
-    {
-        Ok(fresh) if fresh.generation != snapshot.generation => {
-            tracing::info!(integration = %integration.name(), "upstream answered 401; resending with a refreshed token");
-            route.metrics.retries.inc();
+    match retry::refreshed(route, integration, snapshot).await {
+        Some(fresh) => {
             drop(response);
             let rendered = injector.headers(Some(&fresh));
             let again = build(&parts.method, &uri, headers, &rendered.headers, body.take());
             Ok(relay(timed(route, upstream.send(again)).await?))
         }
         // Rate-limited, or the refresh failed: the client sees the API's 401.
-        _ => Ok(relay(response)),
+        None => Ok(relay(response)),
+    }
+}
+
+/// The route's current token (None for a route without an integration), or
+/// 503 when its integration has none.
+pub async fn current_token(injector: &Injector) -> Result<Option<Arc<Snapshot>>, ProxyError> {
+    match &injector.integration {
+        Some(integration) => {
+            Ok(Some(integration.ready().await.map_err(|e| {
+                ProxyError::NoToken(crate::report::chain(&e))
+            })?))
+        }
+        None => Ok(None),
     }
 }
 
@@ -159,7 +160,7 @@ pub async fn unrouted(
 }
 
 /// Records the time to the response head in the route's latency histogram.
-async fn timed<T>(route: &ActiveRoute, send: impl Future<Output = T>) -> T {
+pub async fn timed<T>(route: &ActiveRoute, send: impl Future<Output = T>) -> T {
     let start = Instant::now();
     let result = send.await;
     route
@@ -186,7 +187,7 @@ fn build(
     request
 }
 
-fn relay(response: Response<Incoming>) -> Response<ProxyBody> {
+pub fn relay(response: Response<Incoming>) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     inject::strip_hop_by_hop(&mut parts.headers);
     // Let hyper frame the body for the client's protocol.

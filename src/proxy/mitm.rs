@@ -18,7 +18,7 @@ use tokio_rustls::TlsAcceptor;
 use super::forward::Target;
 use super::prefixed::Prefixed;
 use super::{Proxy, Routing};
-use crate::server;
+use crate::server::{self, Slot};
 
 /// A TLS record starts with content type 22 (handshake).
 const TLS_HANDSHAKE: u8 = 0x16;
@@ -31,6 +31,8 @@ pub struct Tunnel {
     pub port: u16,
     /// Its host is the CONNECT host.
     pub target: Target,
+    /// The client connection's place, kept by upgrades that outlive the tunnel.
+    pub slot: Slot,
 }
 
 /// Boxed as `Send` explicitly: rustc cannot prove it through hyper's nested
@@ -39,22 +41,22 @@ pub fn serve<S>(
     proxy: Arc<Proxy>,
     routing: Arc<Routing>,
     route: usize,
-    host: String,
-    port: u16,
+    (host, port): (String, u16),
+    slot: Slot,
     io: S,
 ) -> Pin<Box<dyn Future<Output = ()> + Send>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    Box::pin(intercept(proxy, routing, route, host, port, io))
+    Box::pin(intercept(proxy, routing, route, (host, port), slot, io))
 }
 
 async fn intercept<S>(
     proxy: Arc<Proxy>,
     routing: Arc<Routing>,
     route: usize,
-    host: String,
-    port: u16,
+    (host, port): (String, u16),
+    slot: Slot,
     mut io: S,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -68,7 +70,7 @@ async fn intercept<S>(
     if first[0] != TLS_HANDSHAKE {
         // Plain HTTP after CONNECT (some clients do this for port 80).
         let target = Target::plain(&routing.routes[route].config, host.into(), Some(port));
-        let tunnel = Tunnel { port, target };
+        let tunnel = Tunnel { port, target, slot };
         return serve_http(proxy, routing, route, tunnel, io).await;
     }
     let config = match proxy.leaves.server_config(&host) {
@@ -81,7 +83,8 @@ async fn intercept<S>(
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(io)).await {
         Ok(Ok(tls)) => {
             let target = Target::intercepted(host.into(), port);
-            serve_http(proxy, routing, route, Tunnel { port, target }, tls).await;
+            let tunnel = Tunnel { port, target, slot };
+            serve_http(proxy, routing, route, tunnel, tls).await;
         }
         Ok(Err(error)) => tracing::debug!(%host, %error, "client TLS handshake failed"),
         Err(_) => tracing::debug!(%host, "client TLS handshake timed out"),
@@ -123,8 +126,10 @@ async fn serve_http<S>(
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         // Pings find peers that vanished without closing.
         .keep_alive_interval(Some(H2_KEEP_ALIVE))
-        .keep_alive_timeout(H2_KEEP_ALIVE);
-    let connection = builder.serve_connection(TokioIo::new(io), service);
+        .keep_alive_timeout(H2_KEEP_ALIVE)
+        // RFC 8441: WebSockets over h2 (bridged to HTTP/1.1 upstream).
+        .enable_connect_protocol();
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     if let Err(error) = server::until_shutdown(connection, signal, |c| c.graceful_shutdown()).await
     {
         tracing::debug!(error = %error, "intercepted connection closed with an error");

@@ -1,17 +1,21 @@
 //! One log line per request, written when its response body is done (or the
 //! client went away), so it can say how many bytes went back and how long the
 //! whole exchange took. Never the path or query: they can carry secrets.
+//! An upgraded connection's line waits until the connection closes: the
+//! response carries a [`Handoff`] that takes the line over from the body.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{Method, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::tunnel::Transferred;
 use crate::body::{BoxError, ProxyBody};
 
 /// What the log line says about a request.
@@ -43,7 +47,9 @@ impl Line {
         }
     }
 
-    fn write(&self, bytes: u64) {
+    /// `bytes` went back to the client; `bytes_up` came from it, for an
+    /// upgraded connection (a request body is not counted).
+    fn write(&self, bytes: u64, bytes_up: Option<u64>) {
         let latency = format_args!("{:.1}ms", self.start.elapsed().as_secs_f64() * 1000.0);
         let (method, host, route, status) = (
             &self.method,
@@ -53,10 +59,33 @@ impl Line {
         );
         match self.client {
             Some(client) => {
-                tracing::info!(%method, host, route, status, bytes, %latency, %client, "request")
+                tracing::info!(%method, host, route, status, bytes, bytes_up, %latency, %client, "request")
             }
-            None => tracing::info!(%method, host, route, status, bytes, %latency, "request"),
+            None => {
+                tracing::info!(%method, host, route, status, bytes, bytes_up, %latency, "request")
+            }
         }
+    }
+
+    /// The line of an upgraded connection, once it has closed.
+    pub fn write_upgraded(&self, transferred: Transferred) {
+        self.write(transferred.from_upstream, Some(transferred.from_client));
+    }
+}
+
+/// Put in a response's extensions by an upgrade: the response's log line is
+/// sent here instead of being written when the (empty) body is done.
+/// Extensions must be `Clone`; the first taker gets the sender.
+#[derive(Clone)]
+pub struct Handoff(Arc<Mutex<Option<oneshot::Sender<Line>>>>);
+
+impl Handoff {
+    pub fn new(to: oneshot::Sender<Line>) -> Self {
+        Self(Arc::new(Mutex::new(Some(to))))
+    }
+
+    fn take(&self) -> Option<oneshot::Sender<Line>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
     }
 }
 
@@ -65,16 +94,23 @@ impl Line {
 pub struct Observed {
     inner: ProxyBody,
     bytes: u64,
-    line: Line,
+    /// Taken when the body drops.
+    line: Option<Line>,
+    handoff: Option<oneshot::Sender<Line>>,
 }
 
 impl Observed {
-    pub fn new(response: Response<ProxyBody>, mut line: Line) -> Response<Self> {
+    pub fn new(mut response: Response<ProxyBody>, mut line: Line) -> Response<Self> {
         line.status = response.status();
+        let handoff = response
+            .extensions_mut()
+            .remove::<Handoff>()
+            .and_then(|handoff| handoff.take());
         response.map(|inner| Self {
             inner,
             bytes: 0,
-            line,
+            line: Some(line),
+            handoff,
         })
     }
 }
@@ -107,6 +143,15 @@ impl Body for Observed {
 
 impl Drop for Observed {
     fn drop(&mut self) {
-        self.line.write(self.bytes);
+        let Some(line) = self.line.take() else { return };
+        match self.handoff.take() {
+            // The upgrade never happened (its task is gone): log what there is.
+            Some(to) => {
+                if let Err(line) = to.send(line) {
+                    line.write(self.bytes, None);
+                }
+            }
+            None => line.write(self.bytes, None),
+        }
     }
 }

@@ -1,14 +1,17 @@
 //! The 401 path: keep small request bodies so the request can be resent once
 //! with a freshly refreshed token.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
+use super::ActiveRoute;
 use super::error::ProxyError;
-
 use crate::body::{self, ProxyBody};
+use crate::tokens::{Integration, Reason, Snapshot};
 
 /// Bodies up to this size are kept for a resend after a 401.
 pub const MAX_REPLAY: u64 = 1024 * 1024;
@@ -44,5 +47,27 @@ impl RequestBody {
             Self::Kept(bytes) => body::full(bytes.clone()),
             Self::Streaming(body) => body.take().map_or_else(body::empty, body::stream),
         }
+    }
+}
+
+/// After the upstream answered 401 to `snapshot`'s token: forces one
+/// (single-flight, rate-limited) refresh and returns the token to resend
+/// with. None when rate-limited or the refresh failed: the client then sees
+/// the API's 401.
+pub async fn refreshed(
+    route: &ActiveRoute,
+    integration: &Arc<Integration>,
+    snapshot: &Snapshot,
+) -> Option<Arc<Snapshot>> {
+    let reason = Reason::Rejected {
+        generation: snapshot.generation,
+    };
+    match integration.refresh(reason).await {
+        Ok(fresh) if fresh.generation != snapshot.generation => {
+            tracing::info!(integration = %integration.name(), "upstream answered 401; resending with a refreshed token");
+            route.metrics.retries.inc();
+            Some(fresh)
+        }
+        _ => None,
     }
 }

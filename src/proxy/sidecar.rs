@@ -16,12 +16,12 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::error::ProxyError;
-use super::forward::{self, Target};
+use super::forward::Target;
 use super::observe::{self, Observed};
 use super::{ActiveRoute, Proxy};
 use crate::config::Sidecar;
 use crate::routes;
-use crate::server;
+use crate::server::{self, Slot};
 
 /// Where one sidecar sends its requests.
 pub struct Upstream {
@@ -54,19 +54,23 @@ impl Upstream {
     }
 }
 
+/// Serves one client connection; an upgraded one keeps `slot` until it closes.
 pub async fn serve_connection(
     proxy: Arc<Proxy>,
     upstream: Arc<Upstream>,
     stream: TcpStream,
     peer: SocketAddr,
+    slot: Slot,
 ) {
     let signal = proxy.shutdown.signal();
     let builder = proxy.http1_builder();
     let service = service_fn(move |request| {
-        let (proxy, upstream) = (proxy.clone(), upstream.clone());
-        async move { Ok::<_, Infallible>(handle(&proxy, &upstream, request, peer).await) }
+        let (proxy, upstream, slot) = (proxy.clone(), upstream.clone(), slot.clone());
+        async move { Ok::<_, Infallible>(handle(&proxy, &upstream, request, peer, slot).await) }
     });
-    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    let connection = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
     if let Err(error) = server::until_shutdown(connection, signal, |c| c.graceful_shutdown()).await
     {
         tracing::debug!(%peer, %error, "sidecar connection closed with an error");
@@ -78,6 +82,7 @@ async fn handle(
     upstream: &Upstream,
     request: Request<Incoming>,
     peer: SocketAddr,
+    slot: Slot,
 ) -> Response<Observed> {
     let start = Instant::now();
     let routing = proxy.routing.load_full();
@@ -87,7 +92,9 @@ async fn handle(
     let result = match route {
         Some(route) => match with_prefix(request, &upstream.prefix) {
             Ok(request) => {
-                forward::routed(&routing.upstream, route, &upstream.target, request).await
+                proxy
+                    .routed(&routing, route, &upstream.target, request, slot)
+                    .await
             }
             Err(error) => Err(error),
         },

@@ -1,5 +1,6 @@
-//! A blind TCP relay for CONNECT to an unrouted host: bytes copied both ways,
-//! nothing inspected, no credentials anywhere near it.
+//! The byte relay behind every tunnel: a blind CONNECT to an unrouted host and
+//! an upgraded connection (WebSocket) after its 101. Bytes are copied both ways,
+//! nothing inspected.
 
 use std::io;
 use std::pin::Pin;
@@ -9,21 +10,31 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::server;
 
-/// Copies until either side closes, the tunnel has been idle for `idle` (no
-/// bytes either way), or shutdown: a tunnel has no request boundary to wait for.
-pub async fn relay<C>(
+/// Bytes read from each side while a tunnel was open.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Transferred {
+    pub from_client: u64,
+    pub from_upstream: u64,
+}
+
+/// Copies until both sides have closed, the tunnel has been idle for `idle`
+/// (no bytes either way), or shutdown: a tunnel has no request boundary to
+/// wait for. The copy buffers are bounded, so a slow reader holds back the
+/// writer on the other side.
+pub async fn relay<C, U>(
     client: C,
-    upstream: TcpStream,
+    upstream: U,
     idle: Duration,
     mut shutdown: watch::Receiver<bool>,
-) where
+) -> Transferred
+where
     C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
 {
     let epoch = Instant::now();
     let last_read = Arc::new(AtomicU64::new(0));
@@ -47,13 +58,19 @@ pub async fn relay<C>(
         () = watchdog => tracing::debug!(?idle, "tunnel closed after being idle"),
         () = server::stopped(&mut shutdown) => {}
     }
+    Transferred {
+        from_client: client.read,
+        from_upstream: upstream.read,
+    }
 }
 
-/// Records when bytes last arrived, in milliseconds since `epoch`.
+/// Records when bytes last arrived, in milliseconds since `epoch`, and how
+/// many arrived.
 struct Activity<S> {
     inner: S,
     epoch: Instant,
     last_read: Arc<AtomicU64>,
+    read: u64,
 }
 
 impl<S> Activity<S> {
@@ -62,6 +79,7 @@ impl<S> Activity<S> {
             inner,
             epoch,
             last_read,
+            read: 0,
         }
     }
 }
@@ -74,7 +92,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Activity<S> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            self.read += read as u64;
             let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
             self.last_read.store(now, Ordering::Relaxed);
         }

@@ -47,6 +47,7 @@ impl Setup {
         let rt0 = token::new_refresh_token(0);
         let tokens = TokenServer::start(&ca, &rt0).await;
         let api = TestApi::start(&ca).await;
+        api.accept_tokens(tokens.issued());
         Self {
             ca,
             dir,

@@ -1,6 +1,7 @@
 //! The accept loop every test server shares: accept on a bound listener, TLS-accept with
 //! the server's acceptor (or serve plain HTTP without one), and serve each connection with
-//! hyper's auto builder (HTTP/1.1 and h2). The returned [`ServerTask`] stops it on drop.
+//! hyper's auto builder (HTTP/1.1 and h2, with upgrades). The returned [`ServerTask`]
+//! stops it on drop.
 
 use std::convert::Infallible;
 use std::error::Error;
@@ -85,11 +86,13 @@ where
                 return;
             };
             let _ = builder
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .await;
         }
         None => {
-            let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
+            let _ = builder
+                .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+                .await;
         }
     }
 }

@@ -114,6 +114,21 @@ fn new_access_token(n: u64) -> String {
     format!("at-SECRET-{n}-{}", random_hex())
 }
 
+/// The access tokens a [`TokenServer`] issued, as an API sees them.
+#[derive(Clone)]
+pub struct Issued(Arc<Shared>);
+
+impl Issued {
+    /// Issued by the server, not revoked, not expired.
+    pub fn is_valid(&self, token: &str) -> bool {
+        self.0
+            .state()
+            .access_tokens
+            .get(token)
+            .is_some_and(|expires_at| Instant::now() < *expires_at)
+    }
+}
+
 // === impl TokenServer ===
 
 impl TokenServer {
@@ -267,10 +282,12 @@ impl TokenServer {
 
     /// Issued by this server, not revoked, not expired.
     pub fn is_valid_access_token(&self, token: &str) -> bool {
-        self.state()
-            .access_tokens
-            .get(token)
-            .is_some_and(|expires_at| Instant::now() < *expires_at)
+        self.issued().is_valid(token)
+    }
+
+    /// A handle an API keeps to check tokens against this server.
+    pub fn issued(&self) -> Issued {
+        Issued(Arc::clone(&self.shared))
     }
 
     /// The refresh token the provider currently expects (`None` after `revoke_all`).

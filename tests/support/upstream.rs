@@ -6,13 +6,18 @@
 //! - `GET /bytes/N` streams N zero bytes (generated, never buffered);
 //! - `POST /upload` counts the body's bytes as they arrive and answers `{"received": N}`;
 //! - `/hang` never answers (for 504 tests); `/gate` answers once [`TestApi::open_gate`];
+//! - `GET /ws` is a WebSocket echo server for tokens the token endpoint issued (see `ws`);
+//! - `GET /events/NAME` streams server-sent events a fixed time apart (see `events`);
 //! - anything else echoes what the API saw as JSON (method, path, version, tls, headers).
 //!
 //! A request whose `Authorization: Bearer T` names a [`revoke`](TestApi::revoke)d token
 //! gets 401 instead, as a real API answers a token its provider revoked. Every request is
 //! recorded and counted, with awaitable counters so tests never sleep.
 
-use std::collections::{BTreeMap, HashSet};
+pub mod events;
+pub mod ws;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -34,7 +39,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::ca::TestCa;
 use super::serve::{self, ServerTask};
-use super::token::WAIT;
+use super::token::{Issued, WAIT};
 
 /// Names the API's certificate is valid for: the routed host, a host a tunnel must not
 /// switch to, and an unrouted host tests reach through a blind tunnel.
@@ -83,6 +88,10 @@ pub struct TestApi {
 struct State {
     revoked: HashSet<String>,
     seen: Vec<Seen>,
+    /// The tokens `/ws` accepts.
+    issued: Option<Issued>,
+    /// When each event of `/events/NAME` was sent, by NAME.
+    events_sent: HashMap<String, Vec<tokio::time::Instant>>,
 }
 
 struct Shared {
@@ -99,6 +108,9 @@ struct Shared {
     uploaded: watch::Sender<u64>,
     /// Bytes of `/bytes/N` bodies handed to the connection.
     downloaded: watch::Sender<u64>,
+    /// WebSocket connections opened and closed on `/ws`.
+    ws_opened: watch::Sender<u64>,
+    ws_closed: watch::Sender<u64>,
 }
 
 type ApiBody = BoxBody<Bytes, Infallible>;
@@ -128,6 +140,8 @@ impl TestApi {
             gate: watch::Sender::new(false),
             uploaded: watch::Sender::new(0),
             downloaded: watch::Sender::new(0),
+            ws_opened: watch::Sender::new(0),
+            ws_closed: watch::Sender::new(0),
         });
         let https = serve::bind("test API").await;
         let http = serve::bind("test API").await;
@@ -168,6 +182,16 @@ impl TestApi {
         self.state().revoked.insert(token.to_owned());
     }
 
+    /// `/ws` accepts the tokens `issued` vouches for (and no others).
+    pub fn accept_tokens(&self, issued: Issued) {
+        self.state().issued = Some(issued);
+    }
+
+    /// From now on `/ws` accepts no token at all.
+    pub fn reject_all_tokens(&self) {
+        self.state().issued = None;
+    }
+
     /// Lets every request parked on `/gate` (and any later one) answer.
     pub fn open_gate(&self) {
         self.shared.gate.send_replace(true);
@@ -203,6 +227,35 @@ impl TestApi {
             .last()
             .cloned()
             .expect("the test API has seen no request")
+    }
+
+    pub fn ws_closed(&self) -> u64 {
+        *self.shared.ws_closed.borrow()
+    }
+
+    /// When each event of `/events/NAME` was sent, oldest first.
+    pub fn events_sent(&self, name: &str) -> Vec<tokio::time::Instant> {
+        self.state()
+            .events_sent
+            .get(name)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Waits until `n` WebSocket connections have been opened on `/ws`.
+    pub async fn wait_for_ws_opened(&self, n: u64) {
+        wait_for(&self.shared.ws_opened, n, "WebSocket connections opened").await;
+    }
+
+    /// Waits up to `within` until `n` WebSocket connections on `/ws` have closed.
+    pub async fn wait_for_ws_closed(&self, n: u64, within: std::time::Duration) {
+        let mut rx = self.shared.ws_closed.subscribe();
+        let reached = tokio::time::timeout(within, rx.wait_for(|closed| *closed >= n)).await;
+        assert!(
+            matches!(reached, Ok(Ok(_))),
+            "{n} WebSocket connections were not closed upstream within {within:?}; {} were",
+            self.ws_closed()
+        );
     }
 
     /// Waits until `n` requests have arrived.
@@ -260,12 +313,16 @@ fn serve_api(
 async fn handle(
     shared: Arc<Shared>,
     tls: bool,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<ApiBody>, Infallible> {
+    let upgrade = hyper::upgrade::on(&mut req);
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_owned();
     let revoked = bearer(&parts.headers).is_some_and(|t| shared.state().revoked.contains(t));
-    let status = if revoked {
+    let status = if path == "/ws" {
+        let issued = shared.state().issued.clone();
+        ws::status(&parts.headers, issued.as_ref())
+    } else if revoked {
         StatusCode::UNAUTHORIZED
     } else {
         StatusCode::OK
@@ -282,6 +339,9 @@ async fn handle(
     shared.state().seen.push(seen);
     shared.requests.send_modify(|n| *n += 1);
 
+    if path == "/ws" {
+        return Ok(ws::answer(&shared, status, &parts.headers, upgrade));
+    }
     if revoked {
         // Read the body first, so a client still sending it sees the 401, not a reset.
         let mut body = body;
@@ -309,6 +369,9 @@ async fn handle(
             // Err only if the API is gone, and then nobody waits for this response.
             let _ = shared.gate.subscribe().wait_for(|open| *open).await;
             json_response(StatusCode::OK, echo)
+        }
+        (&Method::GET, events) if events.starts_with("/events/") => {
+            events::answer(&shared, &events["/events/".len()..])
         }
         (&Method::POST, "/upload") => {
             let received = count_upload(&shared, body).await;
