@@ -208,17 +208,8 @@ async fn server_sent_events_reach_the_client_as_they_are_sent_over_http1_and_h2(
     const WITHIN: Duration = Duration::from_millis(300);
     let setup = Setup::start().await;
     let proxy = setup.start_proxy(&ProxyOptions::default()).await;
-    let tunnel = |alpn: &'static [u8]| {
-        let config = client::with_alpn(setup.credproxy_client_config(), &[alpn]);
-        async move {
-            let tunnel = client::connect(proxy.proxy_addr, "api.test:443", &[])
-                .await
-                .tunnel();
-            client::tls(tunnel, "api.test", config).await
-        }
-    };
-    let mut h1 = client::h1(tunnel(b"http/1.1").await).await;
-    let mut h2 = client::h2(tunnel(b"h2").await).await;
+    let mut h1 = client::h1(setup.intercepted_tls(proxy.proxy_addr, b"http/1.1").await).await;
+    let mut h2 = client::h2(setup.intercepted_tls(proxy.proxy_addr, b"h2").await).await;
     let (over_h1, over_h2) = tokio::join!(
         event_arrivals(
             |r| async move { h1.send_request(r).await.expect("h1 request") },

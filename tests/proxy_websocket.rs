@@ -13,6 +13,7 @@ use http::StatusCode;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::WebSocketStream;
@@ -34,18 +35,16 @@ async fn open_intercepted(
     setup: &Setup,
     proxy: &InProcess,
 ) -> Opened<TlsStream<TokioIo<Upgraded>>> {
-    let tunnel = client::connect(proxy.proxy_addr, "api.test:443", &[])
-        .await
-        .tunnel();
-    let config = client::with_alpn(setup.credproxy_client_config(), &[b"http/1.1"]);
-    let tls = client::tls(tunnel, "api.test", config).await;
+    let tls = setup.intercepted_tls(proxy.proxy_addr, b"http/1.1").await;
     websocket::open(tls, "wss://api.test/ws").await
 }
 
-/// The last `/ws` handshake the API saw carried the integration's current token only.
+/// The last `/ws` handshake the API saw came over TLS with the integration's current
+/// token only; no request ever carried the client's own.
 fn assert_upstream_saw_our_token(setup: &Setup) {
     let seen = setup.api.last();
     assert_eq!(seen.path, "/ws");
+    assert!(seen.tls, "credentials travel to the API over TLS");
     assert_eq!(
         seen.authorization(),
         [format!("Bearer {}", setup.current_token())]
@@ -58,103 +57,99 @@ fn assert_upstream_saw_our_token(setup: &Setup) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn through_connect_and_tls_the_handshake_gets_our_token_and_messages_up_to_1_mib_echo() {
+/// A proxy with `options`; `open` makes the handshake through it, which must reach the
+/// API with our token; then messages up to 1 MiB echo in order.
+async fn handshake_gets_our_token_and_echoes<S>(
+    options: ProxyOptions,
+    open: impl AsyncFnOnce(&Setup, &InProcess) -> Opened<S>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let setup = Setup::start().await;
-    let proxy = setup.start_proxy(&ProxyOptions::default()).await;
-    let mut ws = open_intercepted(&setup, &proxy).await.open();
+    let proxy = setup.start_proxy(&options).await;
+    let mut ws = open(&setup, &proxy).await.open();
     assert_upstream_saw_our_token(&setup);
     websocket::echo_up_to_1_mib(&mut ws).await;
     proxy.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_connect_and_tls_the_handshake_gets_our_token_and_messages_up_to_1_mib_echo() {
+    handshake_gets_our_token_and_echoes(ProxyOptions::default(), open_intercepted).await;
+}
+
+/// Plain text inside the tunnel; the route's `upstream_tls` (default) still means TLS
+/// upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_plain_text_inside_a_connect_tunnel_the_handshake_gets_our_token() {
-    let setup = Setup::start().await;
-    let proxy = setup.start_proxy(&ProxyOptions::default()).await;
-    let tunnel = client::connect(proxy.proxy_addr, "api.test:80", &[])
-        .await
-        .tunnel();
-    let mut ws = websocket::open(tunnel, "ws://api.test/ws").await.open();
-    assert_upstream_saw_our_token(&setup);
-    // The route's upstream_tls (default true) took the credentials over TLS.
-    assert!(setup.api.last().tls);
-    websocket::echo_up_to_1_mib(&mut ws).await;
-    proxy.stop().await;
+    handshake_gets_our_token_and_echoes(ProxyOptions::default(), async |_, proxy| {
+        let tunnel = client::connect(proxy.proxy_addr, "api.test:80", &[])
+            .await
+            .tunnel();
+        websocket::open(tunnel, "ws://api.test/ws").await
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_the_plain_http_forward_path_the_handshake_gets_our_token() {
-    let setup = Setup::start().await;
-    let proxy = setup.start_proxy(&ProxyOptions::default()).await;
-    let mut ws = websocket::open_via_proxy(proxy.proxy_addr, "http://api.test/ws")
-        .await
-        .open();
-    assert_upstream_saw_our_token(&setup);
-    websocket::echo_up_to_1_mib(&mut ws).await;
-    proxy.stop().await;
+    handshake_gets_our_token_and_echoes(ProxyOptions::default(), async |_, proxy| {
+        websocket::open_via_proxy(proxy.proxy_addr, "http://api.test/ws").await
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_a_sidecar_the_handshake_gets_our_token() {
-    let setup = Setup::start().await;
-    let proxy = setup
-        .start_proxy(&ProxyOptions::default().sidecar("https://api.test"))
-        .await;
-    let sidecar = proxy.sidecar_addrs[0];
-    let tcp = TcpStream::connect(sidecar)
-        .await
-        .expect("connect to sidecar");
-    let mut ws = websocket::open(tcp, &format!("ws://{sidecar}/ws"))
-        .await
-        .open();
-    assert_upstream_saw_our_token(&setup);
-    websocket::echo_up_to_1_mib(&mut ws).await;
-    proxy.stop().await;
+    let options = ProxyOptions::default().sidecar("https://api.test");
+    handshake_gets_our_token_and_echoes(options, async |_, proxy| {
+        let sidecar = proxy.sidecar_addrs[0];
+        let tcp = TcpStream::connect(sidecar)
+            .await
+            .expect("connect to sidecar");
+        websocket::open(tcp, &format!("ws://{sidecar}/ws")).await
+    })
+    .await;
 }
 
 /// RFC 8441: an h2 client's extended CONNECT (`:protocol = websocket`) is bridged to an
 /// HTTP/1.1 upgrade upstream, answered 200, and then carries WebSocket frames.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2_extended_connect_is_bridged_to_an_http1_upgrade_upstream() {
-    let setup = Setup::start().await;
-    let proxy = setup.start_proxy(&ProxyOptions::default()).await;
-    let tunnel = client::connect(proxy.proxy_addr, "api.test:443", &[])
-        .await
-        .tunnel();
-    let config = client::with_alpn(setup.credproxy_client_config(), &[b"h2"]);
-    let mut h2 = client::h2(client::tls(tunnel, "api.test", config).await).await;
-    // One exchange first, so the proxy's SETTINGS (ENABLE_CONNECT_PROTOCOL) have arrived.
-    let answer = client::send2(&mut h2, client::get("https://api.test/echo", "", &[])).await;
-    assert_eq!(answer.status, StatusCode::OK);
+    handshake_gets_our_token_and_echoes(ProxyOptions::default(), async |setup, proxy| {
+        let tls = setup.intercepted_tls(proxy.proxy_addr, b"h2").await;
+        let mut h2 = client::h2(tls).await;
+        // One exchange first, so the proxy's SETTINGS (ENABLE_CONNECT_PROTOCOL) have arrived.
+        let echo = client::get("https://api.test/echo", "", &[]);
+        assert_eq!(client::send2(&mut h2, echo).await.status, StatusCode::OK);
 
-    let mut request = http::Request::builder()
-        .method(http::Method::CONNECT)
-        .uri("https://api.test/ws")
-        .header("sec-websocket-version", "13")
-        .header("authorization", CLIENT_TOKEN)
-        .body(client::empty())
-        .expect("a valid request");
-    request
-        .extensions_mut()
-        .insert(hyper::ext::Protocol::from_static("websocket"));
-    let response = tokio::time::timeout(client::CLIENT_TIMEOUT, h2.send_request(request))
-        .await
-        .expect("no answer to the extended CONNECT in time")
-        .expect("sending the extended CONNECT");
-    assert_eq!(response.status(), StatusCode::OK);
-    assert!(
-        response.headers().get("sec-websocket-accept").is_none(),
-        "h2 has no accept key"
-    );
-    assert_upstream_saw_our_token(&setup);
-    assert_eq!(setup.api.last().version, http::Version::HTTP_11);
-    let upgraded = hyper::upgrade::on(response)
-        .await
-        .expect("the extended CONNECT stream");
-    let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
-    websocket::echo_up_to_1_mib(&mut ws).await;
-    proxy.stop().await;
+        let mut request = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("https://api.test/ws")
+            .header("sec-websocket-version", "13")
+            .header("authorization", CLIENT_TOKEN)
+            .body(client::empty())
+            .expect("a valid request");
+        request
+            .extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        let response = tokio::time::timeout(client::CLIENT_TIMEOUT, h2.send_request(request))
+            .await
+            .expect("no answer to the extended CONNECT in time")
+            .expect("sending the extended CONNECT");
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(
+            response.headers().get("sec-websocket-accept").is_none(),
+            "h2 has no accept key"
+        );
+        assert_eq!(setup.api.last().version, http::Version::HTTP_11);
+        let upgraded = hyper::upgrade::on(response)
+            .await
+            .expect("the extended CONNECT stream");
+        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
+        Opened::Open(Box::new(ws))
+    })
+    .await;
 }
 
 /// The API answers 401 to a revoked token: one forced refresh, one resend, then 101.

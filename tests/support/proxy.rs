@@ -19,6 +19,7 @@ use tokio::sync::watch;
 
 use super::ca::{self, TestCa};
 use super::cli::{self, ConfigBuilder, RUN_TIMEOUT, TestDir};
+use super::client;
 use super::token::{self, TokenServer, WAIT};
 use super::upstream::TestApi;
 
@@ -118,6 +119,19 @@ impl Setup {
     /// A client TLS config trusting only credproxy's CA, no ALPN.
     pub fn credproxy_client_config(&self) -> ClientConfig {
         ca::client_config_trusting(self.credproxy_roots())
+    }
+
+    /// `CONNECT api.test:443` to the proxy at `proxy`, then TLS offering `alpn`.
+    pub async fn intercepted_tls(
+        &self,
+        proxy: SocketAddr,
+        alpn: &[u8],
+    ) -> tokio_rustls::client::TlsStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>> {
+        let tunnel = client::connect(proxy, &format!("{API_HOST}:443"), &[])
+            .await
+            .tunnel();
+        let config = client::with_alpn(self.credproxy_client_config(), &[alpn]);
+        client::tls(tunnel, API_HOST, config).await
     }
 
     /// The access token the token endpoint issued last.
