@@ -45,6 +45,8 @@ fn assert_upstream_saw_our_token(setup: &Setup) {
     let seen = setup.api.last();
     assert_eq!(seen.path, "/ws");
     assert!(seen.tls, "credentials travel to the API over TLS");
+    // The API offers h2, which the pool uses; an upgrade needs its own HTTP/1.1 connection.
+    assert_eq!(seen.version, http::Version::HTTP_11);
     assert_eq!(
         seen.authorization(),
         [format!("Bearer {}", setup.current_token())]
@@ -122,6 +124,11 @@ async fn an_h2_extended_connect_is_bridged_to_an_http1_upgrade_upstream() {
         // One exchange first, so the proxy's SETTINGS (ENABLE_CONNECT_PROTOCOL) have arrived.
         let echo = client::get("https://api.test/echo", "", &[]);
         assert_eq!(client::send2(&mut h2, echo).await.status, StatusCode::OK);
+        assert_eq!(
+            setup.api.last().version,
+            http::Version::HTTP_2,
+            "ordinary requests reach the API over the pooled h2 connection"
+        );
 
         let mut request = http::Request::builder()
             .method(http::Method::CONNECT)
@@ -142,7 +149,6 @@ async fn an_h2_extended_connect_is_bridged_to_an_http1_upgrade_upstream() {
             response.headers().get("sec-websocket-accept").is_none(),
             "h2 has no accept key"
         );
-        assert_eq!(setup.api.last().version, http::Version::HTTP_11);
         let upgraded = hyper::upgrade::on(response)
             .await
             .expect("the extended CONNECT stream");

@@ -42,8 +42,10 @@ pub enum Asked {
     ExtendedConnect(HeaderValue),
 }
 
-/// The upgrade `request` asks for, if any.
-pub fn asked(request: &Request<Incoming>) -> Option<Asked> {
+/// The upgrade `request` asks for, if any. `h2c` is not one: RFC 9113
+/// deprecates it, and clients (curl `--http2`) offer it on ordinary requests,
+/// which then go the ordinary way with the offer stripped.
+pub fn asked<B>(request: &Request<B>) -> Option<Asked> {
     if request.method() == Method::CONNECT {
         let protocol = request.extensions().get::<Protocol>()?;
         return HeaderValue::from_str(protocol.as_str())
@@ -61,7 +63,11 @@ pub fn asked(request: &Request<Incoming>) -> Option<Asked> {
         .flat_map(|v| v.split(','))
         .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
     let protocol = headers.get(header::UPGRADE)?;
-    connection_upgrade.then(|| Asked::Http1(protocol.clone()))
+    let h2c = protocol
+        .as_bytes()
+        .trim_ascii()
+        .eq_ignore_ascii_case(b"h2c");
+    (connection_upgrade && !h2c).then(|| Asked::Http1(protocol.clone()))
 }
 
 /// Opens the connections upgrades go over: fresh, HTTP/1.1 only (ALPN
@@ -321,5 +327,78 @@ async fn relay(
     };
     if let Ok(line) = logged.await {
         line.write_upgraded(transferred);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn request(version: Version, headers: &[(&str, &str)]) -> Request<()> {
+        let mut request = Request::get("/ws").version(version);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.body(()).unwrap()
+    }
+
+    fn protocol(asked: Option<Asked>) -> Option<String> {
+        match asked? {
+            Asked::Http1(p) | Asked::ExtendedConnect(p) => Some(p.to_str().unwrap().to_owned()),
+        }
+    }
+
+    #[test]
+    fn asked_needs_upgrade_named_in_connection_over_http_1_1() {
+        let websocket = ("upgrade", "websocket");
+        let cases = [
+            (
+                Version::HTTP_11,
+                vec![("connection", "Upgrade"), websocket],
+                Some("websocket"),
+            ),
+            (
+                Version::HTTP_11,
+                vec![("connection", "keep-alive, upgrade"), websocket],
+                Some("websocket"),
+            ),
+            (Version::HTTP_11, vec![websocket], None),
+            (Version::HTTP_11, vec![("connection", "upgrade")], None),
+            (
+                Version::HTTP_10,
+                vec![("connection", "upgrade"), websocket],
+                None,
+            ),
+            (
+                Version::HTTP_11,
+                vec![
+                    ("connection", "Upgrade, HTTP2-Settings"),
+                    ("upgrade", "h2c"),
+                ],
+                None,
+            ),
+        ];
+        for (version, headers, expected) in cases {
+            let asked = asked(&request(version, &headers));
+            assert_eq!(
+                protocol(asked).as_deref(),
+                expected,
+                "{version:?} {headers:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn asked_takes_an_extended_connect_by_its_protocol() {
+        let mut connect = Request::connect("https://api.test/ws").body(()).unwrap();
+        assert!(
+            asked(&connect).is_none(),
+            "a plain CONNECT is not an upgrade"
+        );
+        connect
+            .extensions_mut()
+            .insert(Protocol::from_static("websocket"));
+        assert!(matches!(asked(&connect), Some(Asked::ExtendedConnect(p)) if p == "websocket"));
     }
 }
