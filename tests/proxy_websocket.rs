@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -23,7 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use crate::support::admin::Admin;
 use crate::support::client;
 use crate::support::proxy::{InProcess, ProxyOptions, Setup};
-use crate::support::upstream::ws::DROP;
+use crate::support::upstream::ws::{DROP, FLOOD, FLOOD_MESSAGE, SINK};
 use crate::support::websocket::{self, CLIENT_TOKEN, Opened};
 
 const TUNNELS: &str = "credproxy_tunnels";
@@ -329,4 +329,98 @@ async fn an_upgraded_connection_is_counted_and_logged_with_bytes_both_ways_when_
         .await;
     let exit = proxy.stop().await;
     assert_eq!(exit.code, Some(0), "{}", exit.log);
+}
+
+/// Messages of the flood and sink tests; far more than socket buffers hold.
+const BACKLOG: u64 = 64;
+const MIB: u64 = 1024 * 1024;
+
+/// Waits until `progress` has not moved for half a second (a writer held up cannot be
+/// awaited: it is the absence of an event) and returns its value then.
+async fn when_stalled(mut progress: impl FnMut() -> u64) -> u64 {
+    const QUIET: Duration = Duration::from_millis(500);
+    let deadline = tokio::time::Instant::now() + crate::support::token::WAIT;
+    let mut last = progress();
+    loop {
+        tokio::time::sleep(QUIET).await;
+        let now = progress();
+        if now == last {
+            return now;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the writer never stalled ({now} bytes so far)"
+        );
+        last = now;
+    }
+}
+
+/// Backpressure both ways: a side that stops reading holds up the writer on the other
+/// side after a bounded amount (socket buffers, not credproxy memory), and once it reads
+/// again everything arrives, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_side_that_stops_reading_holds_up_the_writer_on_the_other_side() {
+    let setup = Setup::start().await;
+    let proxy = setup.start_proxy(&ProxyOptions::default()).await;
+    let mut ws = websocket::open_via_proxy(proxy.proxy_addr, "http://api.test/ws")
+        .await
+        .open();
+
+    // The API floods a client that does not read.
+    ws.send(Message::text(format!("{FLOOD}{BACKLOG}")))
+        .await
+        .expect("asking for a flood");
+    let held = when_stalled(|| setup.api.ws_flooded()).await;
+    println!(
+        "upstream → client: the API was held up after {} MiB",
+        held / MIB
+    );
+    assert!(
+        held < BACKLOG * MIB / 2,
+        "{held} bytes were taken from the API"
+    );
+    for n in 0..BACKLOG {
+        let message = tokio::time::timeout(client::CLIENT_TIMEOUT, ws.next())
+            .await
+            .expect("a flood message in time")
+            .expect("the flood goes on")
+            .expect("reading the flood");
+        assert_eq!(message.len(), FLOOD_MESSAGE);
+        assert_eq!(
+            message.into_data()[..8],
+            n.to_le_bytes(),
+            "message {n} in order"
+        );
+    }
+    assert_eq!(setup.api.ws_flooded(), BACKLOG * MIB);
+
+    // The client writes to an API that does not read.
+    ws.send(Message::text(SINK))
+        .await
+        .expect("asking for a sink");
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = sent.clone();
+    let writer = tokio::spawn(async move {
+        for _ in 0..BACKLOG {
+            ws.send(Message::binary(vec![1u8; FLOOD_MESSAGE]))
+                .await
+                .expect("sending to the sink");
+            counted.fetch_add(FLOOD_MESSAGE as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        ws
+    });
+    let held = when_stalled(|| sent.load(std::sync::atomic::Ordering::Relaxed)).await;
+    println!(
+        "client → upstream: the client was held up after {} MiB",
+        held / MIB
+    );
+    assert!(
+        held < BACKLOG * MIB / 2,
+        "{held} bytes were taken from the client"
+    );
+    assert_eq!(setup.api.ws_sunk(), 0, "the API has not read yet");
+    setup.api.open_gate();
+    setup.api.wait_for_ws_sunk(BACKLOG * MIB).await;
+    drop(writer.await.expect("the writer"));
+    proxy.stop().await;
 }

@@ -111,6 +111,9 @@ struct Shared {
     /// WebSocket connections opened and closed on `/ws`.
     ws_opened: watch::Sender<u64>,
     ws_closed: watch::Sender<u64>,
+    /// Bytes of `/ws` flood messages sent, and of messages a `/ws` sink received.
+    ws_flooded: watch::Sender<u64>,
+    ws_sunk: watch::Sender<u64>,
 }
 
 type ApiBody = BoxBody<Bytes, Infallible>;
@@ -142,6 +145,8 @@ impl TestApi {
             downloaded: watch::Sender::new(0),
             ws_opened: watch::Sender::new(0),
             ws_closed: watch::Sender::new(0),
+            ws_flooded: watch::Sender::new(0),
+            ws_sunk: watch::Sender::new(0),
         });
         let https = serve::bind("test API").await;
         let http = serve::bind("test API").await;
@@ -231,6 +236,24 @@ impl TestApi {
 
     pub fn ws_closed(&self) -> u64 {
         *self.shared.ws_closed.borrow()
+    }
+
+    pub fn ws_flooded(&self) -> u64 {
+        *self.shared.ws_flooded.borrow()
+    }
+
+    pub fn ws_sunk(&self) -> u64 {
+        *self.shared.ws_sunk.borrow()
+    }
+
+    /// Waits until a `/ws` sink has received `bytes`.
+    pub async fn wait_for_ws_sunk(&self, bytes: u64) {
+        wait_for(
+            &self.shared.ws_sunk,
+            bytes,
+            "bytes received by the WebSocket sink",
+        )
+        .await;
     }
 
     /// When each event of `/events/NAME` was sent, oldest first.

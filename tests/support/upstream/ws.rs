@@ -4,6 +4,10 @@
 //! token the test token endpoint issued and has not revoked. After the 101 it echoes
 //! every text and binary message in order (tokio-tungstenite does the framing); the
 //! text message `"drop"` makes it drop the connection without a closing handshake.
+//! For backpressure tests: `"flood N"` makes it send N binary messages of
+//! [`FLOOD_MESSAGE`] bytes (counted as each send completes), and `"sink"` makes it stop
+//! reading until [`TestApi::open_gate`](super::TestApi::open_gate), then count and drop
+//! whatever arrives.
 
 use std::sync::Arc;
 
@@ -15,15 +19,20 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::{self, Message};
 
 use super::{ApiBody, Shared, bearer, json_response};
 use crate::support::token::Issued;
 
 /// The text message that makes the server drop the connection.
 pub const DROP: &str = "drop";
+/// `"flood N"`: N messages of this size come back.
+pub const FLOOD: &str = "flood ";
+pub const FLOOD_MESSAGE: usize = 1024 * 1024;
+/// Stop reading until the gate opens, then count and drop.
+pub const SINK: &str = "sink";
 
 /// What `/ws` answers to a request with `headers`: 101, 400 for a request that is not
 /// a WebSocket handshake, or 401 without a token `issued` vouches for.
@@ -94,6 +103,17 @@ async fn echo(shared: Arc<Shared>, upgrade: OnUpgrade) {
     while let Some(Ok(message)) = ws.next().await {
         let echo = match message {
             Message::Text(text) if text.as_str() == DROP => break,
+            Message::Text(text) if text.as_str() == SINK => {
+                sink(&shared, &mut ws).await;
+                break;
+            }
+            Message::Text(text) if text.as_str().starts_with(FLOOD) => {
+                let count = text.as_str()[FLOOD.len()..].parse().expect("flood N");
+                if flood(&shared, &mut ws, count).await.is_err() {
+                    break;
+                }
+                continue;
+            }
             Message::Text(_) | Message::Binary(_) => message,
             // Pings are answered and close frames echoed by tungstenite itself.
             _ => continue,
@@ -104,4 +124,30 @@ async fn echo(shared: Arc<Shared>, upgrade: OnUpgrade) {
     }
     drop(ws);
     shared.ws_closed.send_modify(|n| *n += 1);
+}
+
+type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// Sends `count` numbered messages (the number in the first 8 bytes), counting the
+/// bytes of each once its send completed: a client that does not read holds it up.
+async fn flood(shared: &Shared, ws: &mut Ws, count: u64) -> Result<(), tungstenite::Error> {
+    for n in 0..count {
+        let mut payload = vec![0u8; FLOOD_MESSAGE];
+        payload[..8].copy_from_slice(&n.to_le_bytes());
+        ws.send(Message::Binary(payload.into())).await?;
+        shared
+            .ws_flooded
+            .send_modify(|bytes| *bytes += FLOOD_MESSAGE as u64);
+    }
+    Ok(())
+}
+
+/// Reads nothing until the gate opens, then counts every message's bytes.
+async fn sink(shared: &Shared, ws: &mut Ws) {
+    // Err only if the API is gone, and then nobody counts.
+    let _ = shared.gate.subscribe().wait_for(|open| *open).await;
+    while let Some(Ok(message)) = ws.next().await {
+        let n = message.len() as u64;
+        shared.ws_sunk.send_modify(|bytes| *bytes += n);
+    }
 }
