@@ -7,6 +7,7 @@
 //! RFC 8441's extended CONNECT (`:protocol`) over h2; the latter is bridged
 //! to an HTTP/1.1 upgrade upstream and answered 200 instead of 101.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -19,7 +20,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio_rustls::TlsConnector;
 
 use super::error::ProxyError;
@@ -29,7 +30,7 @@ use super::upstream::Upstream;
 use super::{ActiveRoute, Proxy, Routing, inject, retry, tunnel};
 use crate::body::{self, ProxyBody};
 use crate::config::UpstreamConfig;
-use crate::metrics::TunnelKind;
+use crate::metrics::{GaugeGuard, TunnelKind};
 use crate::server::Slot;
 use crate::tls::{self, TlsError};
 use crate::tokens::Snapshot;
@@ -82,7 +83,7 @@ impl Dialer {
     pub fn new(config: &UpstreamConfig) -> Result<Self, TlsError> {
         let tls = tls::client_config(config, &[b"http/1.1"])?;
         Ok(Self {
-            tls: TlsConnector::from(std::sync::Arc::new(tls)),
+            tls: TlsConnector::from(Arc::new(tls)),
             response_timeout: config.response_timeout,
         })
     }
@@ -285,9 +286,9 @@ fn switched(response: Response<Incoming>, asked: &Asked) -> Response<ProxyBody> 
 /// What the relay task needs from the proxy.
 struct RelayContext {
     slot: Slot,
-    open: crate::metrics::GaugeGuard,
+    open: GaugeGuard,
     idle: Duration,
-    shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 }
 
 impl RelayContext {
