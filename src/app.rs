@@ -17,6 +17,7 @@ use crate::error::Error;
 use crate::live::State;
 use crate::metrics::Metrics;
 use crate::oauth::OAuthClient;
+use crate::proxy::dial::{Resolve, SystemResolver};
 use crate::proxy::{Proxy, sidecar};
 use crate::server::{self, Admission, ShutdownTrigger};
 use crate::state::{FileStore, StateStore};
@@ -39,6 +40,15 @@ pub struct Running {
 /// Checks, loads and binds everything, then starts serving. Returns once the
 /// listeners accept connections.
 pub async fn start(config: &Config) -> Result<Running, Error> {
+    start_with_resolver(config, Arc::new(SystemResolver)).await
+}
+
+/// `start`, with names upstream resolved by `resolver` instead of the
+/// system's: for tests that need chosen DNS answers.
+pub async fn start_with_resolver(
+    config: &Config,
+    resolver: Arc<dyn Resolve>,
+) -> Result<Running, Error> {
     refuse_open_listeners(config)?;
     let store: Arc<dyn StateStore> = Arc::new(FileStore::open(&config.state.path)?);
     let tokens = Tokens::new(config, store.clone(), OAuthClient::new(&config.upstream)?)?;
@@ -65,6 +75,7 @@ pub async fn start(config: &Config) -> Result<Running, Error> {
         leaves,
         metrics.clone(),
         shutdown.clone(),
+        resolver,
     )?);
     let state = Arc::new(State::new(
         tokens,
@@ -131,8 +142,9 @@ fn refuse_open_listeners(config: &Config) -> Result<(), Error> {
             "required because {what} ({addr}) is not a loopback address: anyone who can reach the port could use the tokens"
         ),
     };
-    if !config.proxy.listen.ip().is_loopback() && config.proxy.auth.is_none() {
-        return Err(open("proxy.auth", config.proxy.listen, "proxy.listen").into());
+    if !config.proxy.listen.ip().is_loopback() && config.proxy.clients.is_empty() {
+        let key = "proxy.auth (or [[proxy.clients]])";
+        return Err(open(key, config.proxy.listen, "proxy.listen").into());
     }
     if !config.admin.listen.ip().is_loopback() && config.admin.token.is_none() {
         return Err(open("admin.token", config.admin.listen, "admin.listen").into());

@@ -28,7 +28,7 @@ use serde::Deserialize;
 pub use ca::CaConfig;
 pub use integration::{ClientAuth, IntegrationConfig, RequestFormat};
 pub use limits::Limits;
-pub use proxy::{AdminConfig, ProxyAuth, ProxyConfig, Unrouted};
+pub use proxy::{AdminConfig, ClientRoutes, ProxyClient, ProxyConfig, Unrouted};
 pub use routes::{Route, Sidecar};
 pub use state::StateConfig;
 pub use upstream::{ExtraCa, UpstreamConfig};
@@ -189,7 +189,7 @@ impl Validator<'_> {
         let routes = self.routes(raw.routes, &names)?;
         Ok(Config {
             source: self.path.to_owned(),
-            proxy: self.proxy(raw.proxy)?,
+            proxy: self.proxy(raw.proxy, &routes)?,
             admin: self.admin(raw.admin)?,
             ca: self.ca(raw.ca),
             state: self.state(raw.state),
@@ -479,6 +479,133 @@ upstream = "https://content.dropboxapi.com"
             assert!(err.starts_with("test.toml: "), "{err}");
             assert!(err.contains(want), "want {want:?} in {err:?}");
             assert!(!err.contains('\n'), "one line: {err:?}");
+        }
+    }
+
+    mod clients_and_egress {
+        use super::*;
+        use crate::egress::{AddressClass, AllowEntry, Policy};
+        use crate::routes::HostPattern;
+
+        const ROUTED: &str = "[integrations.box]\nclient_id = \"id\"\nclient_secret = \"s\"\nrefresh_url = \"https://x.test/token\"\nrefresh_token = \"r\"\n\n[[routes]]\nhost = \"API.box.test\"\nintegration = \"box\"\n\n[[routes]]\nhost = \"*.box.test\"\nintegration = \"box\"\n";
+
+        fn with(extra: &str) -> String {
+            format!("{ROUTED}{extra}")
+        }
+
+        #[test]
+        fn clients_name_their_routes_and_auth_is_one_client_with_all() {
+            let config = parse_text(&with(
+                "[[proxy.clients]]\nname = \"export\"\npassword = \"pw-SECRET\"\nroutes = [\"api.box.test\", \"*.BOX.test\"]\n\n[[proxy.clients]]\nname = \"ops.team_1\"\npassword = \"${PROXY_PASSWORD}\"\nroutes = [\"*\"]\n",
+            ))
+            .unwrap();
+            assert_eq!(config.proxy.clients.len(), 2);
+            let (export, ops) = (&config.proxy.clients[0], &config.proxy.clients[1]);
+            assert_eq!(export.name, "export");
+            assert_eq!(
+                export.routes,
+                ClientRoutes::Only(vec![
+                    HostPattern::parse("api.box.test").unwrap(),
+                    HostPattern::parse("*.box.test").unwrap()
+                ])
+            );
+            assert_eq!(ops.routes, ClientRoutes::All);
+            assert_eq!(ops.password.expose(), "pw-SECRET");
+            assert!(!format!("{config:?}").contains("pw-SECRET"));
+
+            let auth =
+                parse_text("[proxy]\nauth = { username = \"steps\", password = \"pw\" }").unwrap();
+            assert_eq!(auth.proxy.clients.len(), 1);
+            let client = &auth.proxy.clients[0];
+            assert_eq!(
+                (client.name.as_str(), &client.routes),
+                ("steps", &ClientRoutes::All)
+            );
+            assert!(parse_text("").unwrap().proxy.clients.is_empty());
+        }
+
+        #[test]
+        fn allow_and_block_parse_with_the_documented_default() {
+            assert_eq!(parse_text("").unwrap().proxy.egress, Policy::default());
+            let config = parse_text(
+                "[proxy]\nallow = [\"*.github.com\", \"10.20.0.0/16\"]\nblock = [\"all-private\", \"loopback\"]",
+            );
+            // 10.20.0.0/16 is private, and private is blocked: block wins, so it is an error.
+            let err = config.unwrap_err().to_string();
+            assert!(
+                err.contains("proxy.allow[1]: 10.20.0.0/16 is private"),
+                "{err}"
+            );
+            let config = parse_text(
+                "[proxy]\nallow = [\"*.github.com\", \"10.20.0.0/16\"]\nblock = [\"loopback\", \"link-local\", \"loopback\"]",
+            )
+            .unwrap();
+            let expected = Policy::new(
+                vec![
+                    AllowEntry::parse("*.github.com").unwrap(),
+                    AllowEntry::parse("10.20.0.0/16").unwrap(),
+                ],
+                vec![AddressClass::Loopback, AddressClass::LinkLocal],
+            );
+            assert_eq!(config.proxy.egress, expected);
+            let open = parse_text("[proxy]\nblock = []").unwrap();
+            assert_eq!(open.proxy.egress, Policy::new(Vec::new(), Vec::new()));
+        }
+
+        #[test]
+        fn errors_name_the_key() {
+            let client = |name: &str, routes: &str| {
+                format!(
+                    "[[proxy.clients]]\nname = \"{name}\"\npassword = \"p\"\nroutes = {routes}\n"
+                )
+            };
+            let cases = [
+                (
+                    with(&client("export", "[\"api.box.test\", \"box.test\"]")),
+                    "proxy.clients[0].routes[1]: no [[routes]] entry has host \"box.test\"",
+                ),
+                (
+                    with(&client("bad name", "[\"*\"]")),
+                    "proxy.clients[0].name: \"bad name\" must start",
+                ),
+                (
+                    with(&(client("a", "[\"*\"]") + &client("a", "[]"))),
+                    "proxy.clients[1].name: \"a\" is used twice",
+                ),
+                (
+                    with("[[proxy.clients]]\nname = \"a\"\npassword = \"\"\nroutes = []\n"),
+                    "proxy.clients[0].password: must not be empty",
+                ),
+                (
+                    with("[[proxy.clients]]\nname = \"a\"\npassword = \"p\"\n"),
+                    "proxy.clients[0]: missing field `routes`",
+                ),
+                (
+                    with(&format!(
+                        "[proxy]\nauth = {{ username = \"u\", password = \"p\" }}\n{}",
+                        client("a", "[\"*\"]")
+                    )),
+                    "proxy.auth: set proxy.auth or [[proxy.clients]], not both",
+                ),
+                (
+                    "[proxy]\nblock = [\"public\"]".into(),
+                    "proxy.block[0]: \"public\" is not",
+                ),
+                (
+                    "[proxy]\nallow = [\"10.0.0.0/33\"]".into(),
+                    "proxy.allow[0]: \"10.0.0.0/33\" is not a CIDR",
+                ),
+                (
+                    "[proxy]\nallow = [\"::1\"]".into(),
+                    "proxy.allow[0]: ::1/128 is loopback, which proxy.block refuses",
+                ),
+                ("[proxy]\nallow = [\"a b\"]".into(), "proxy.allow[0]"),
+            ];
+            for (text, want) in cases {
+                let err = error_of(&text);
+                assert!(err.contains(want), "want {want:?} in {err:?}");
+                assert!(!err.contains('\n'), "one line: {err:?}");
+            }
         }
     }
 }

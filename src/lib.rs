@@ -10,9 +10,10 @@
 //! - `live`: the running process as the admin API and a reload see it.
 //! - `error`: the top-level error and its exit codes.
 //! - `authorize`: `credproxy authorize`, the authorization-code flow with PKCE.
-//! - `proxy` (+ `proxy/`): the forward proxy: CONNECT interception or tunnel,
-//!   injection, upstream pool, 401 retry, upgrades (WebSocket) relayed as
-//!   tunnels, error responses.
+//! - `proxy` (+ `proxy/`): the forward proxy: client authentication and routes,
+//!   CONNECT interception or tunnel, injection, upstream pool, the dialer that
+//!   applies `egress` to unrouted traffic, 401 retry, upgrades (WebSocket)
+//!   relayed as tunnels, error responses.
 //! - `server`: accept loops and graceful shutdown.
 //! - `ca` (+ `ca/mint`): the local CA and the leaf certificates minted from it.
 //! - `metrics`: Prometheus counters, histograms and gauges.
@@ -24,6 +25,7 @@
 //! - `config` (+ `config/`): the TOML file, validated; one file per section
 //!   (proxy, upstream, integration, routes, state, ca, limits), `${VAR}`,
 //!   durations, header templates.
+//! - `egress`: where unrouted traffic may go (`proxy.allow`, `proxy.block`); pure.
 //! - `routes`: host → route lookup.
 //! - `secret`: the redacting type every token and client secret lives in.
 //! - `body`: the one HTTP body type every listener and client uses.
@@ -38,6 +40,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod demo;
+pub mod egress;
 pub mod error;
 pub mod live;
 pub mod metrics;

@@ -1,8 +1,9 @@
 //! Prometheus metrics. Request-path counters are resolved to handles once per
-//! route when the routing table is built, so a request increments atomics and
-//! never allocates a label set. Token metrics are read from the token store at
-//! scrape time. Labels are bounded: route names and integration names from the
-//! config, never raw hosts of unrouted traffic, never paths.
+//! route (and client) when the routing table is built, so a request increments
+//! atomics and never allocates a label set. Token metrics are read from the
+//! token store at scrape time. Labels are bounded: route, client and
+//! integration names from the config, never raw hosts of unrouted traffic,
+//! never paths.
 
 use std::fmt;
 use std::sync::Arc;
@@ -29,6 +30,7 @@ const LATENCY_BUCKETS: [f64; 14] = [
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     route: String,
+    client: String,
     status_class: &'static str,
 }
 
@@ -61,11 +63,14 @@ pub struct Metrics {
 /// Per-route handles, resolved once per routing table.
 #[derive(Clone)]
 pub struct RouteMetrics {
-    /// Indexed by status class: 1xx .. 5xx.
-    requests: [Counter; 5],
     pub upstream_latency: Histogram,
     pub retries: Counter,
 }
+
+/// One route's request counters for one client, indexed by status class:
+/// 1xx .. 5xx. Resolved once per routing table.
+#[derive(Clone)]
+pub struct RequestCounters([Counter; 5]);
 
 #[derive(Clone)]
 pub struct CertCacheMetrics {
@@ -88,7 +93,7 @@ impl Metrics {
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "requests",
-            "Requests answered, by route and status class",
+            "Requests answered, by route, client and status class",
             requests.clone(),
         );
         let upstream_latency = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
@@ -153,21 +158,25 @@ impl Metrics {
         let labels = RouteLabels {
             route: route.to_owned(),
         };
+        let upstream_latency = self.upstream_latency.get_or_create(&labels).clone();
+        let retries = self.retries.get_or_create(&labels).clone();
+        RouteMetrics {
+            upstream_latency,
+            retries,
+        }
+    }
+
+    /// The request counters of `route` for `client` (names from the config).
+    pub fn requests(&self, route: &str, client: &str) -> RequestCounters {
         let class = |status_class| {
             let labels = RequestLabels {
                 route: route.to_owned(),
+                client: client.to_owned(),
                 status_class,
             };
             self.requests.get_or_create(&labels).clone()
         };
-        let requests = ["1xx", "2xx", "3xx", "4xx", "5xx"].map(class);
-        let upstream_latency = self.upstream_latency.get_or_create(&labels).clone();
-        let retries = self.retries.get_or_create(&labels).clone();
-        RouteMetrics {
-            requests,
-            upstream_latency,
-            retries,
-        }
+        RequestCounters(["1xx", "2xx", "3xx", "4xx", "5xx"].map(class))
     }
 
     /// Counts an open tunnel until the returned guard drops.
@@ -188,10 +197,10 @@ impl Metrics {
     }
 }
 
-impl RouteMetrics {
+impl RequestCounters {
     pub fn record(&self, status: http::StatusCode) {
         let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
-        self.requests[class].inc();
+        self.0[class].inc();
     }
 }
 

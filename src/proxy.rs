@@ -1,5 +1,5 @@
 //! The forward proxy: one entry point per request. It checks proxy
-//! authentication (407), then dispatches: CONNECT to `connect`, absolute-form
+//! authentication (407) and the client's routes (403), then dispatches: CONNECT to `connect`, absolute-form
 //! plain HTTP to `forward` (or `upgrade`, for a WebSocket or other upgrade to
 //! a routed host). Everything else is a 400.
 //!
@@ -7,7 +7,9 @@
 //! trust) lives in one `Routing`, swapped whole; each request and each tunnel
 //! keeps the `Routing` it started with until it finishes.
 
+mod clients;
 mod connect;
+pub mod dial;
 pub mod error;
 mod forward;
 mod inject;
@@ -25,7 +27,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use base64::Engine;
 use http::uri::Scheme;
 use http::{Method, Request, Response, header};
 use hyper::body::Incoming;
@@ -34,6 +35,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use clients::{Client, Clients};
+use dial::{Dialer, Resolve};
 use error::ProxyError;
 use forward::Target;
 use inject::Injector;
@@ -43,9 +46,9 @@ use upstream::Upstream;
 use crate::body::ProxyBody;
 use crate::ca::mint::LeafCache;
 use crate::config::{Config, Limits, Route, Unrouted, UpstreamConfig};
-use crate::metrics::{self, Metrics, RouteMetrics};
+use crate::egress::Policy;
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::routes::{self, RouteTable};
-use crate::secret::Secret;
 use crate::server::{self, Shutdown, Slot};
 use crate::tls::TlsError;
 use crate::tokens::Tokens;
@@ -56,6 +59,7 @@ pub struct Proxy {
     shutdown: Shutdown,
     metrics: Arc<Metrics>,
     limits: Limits,
+    resolver: Arc<dyn Resolve>,
 }
 
 /// Everything a reload replaces.
@@ -63,15 +67,19 @@ pub struct Routing {
     table: RouteTable,
     routes: Vec<ActiveRoute>,
     unrouted: Unrouted,
-    unrouted_metrics: RouteMetrics,
     /// The route shown in logs for requests without one.
     unrouted_name: Arc<str>,
-    /// The base64 credentials clients must send with `Proxy-Authorization: Basic`.
-    auth: Option<Secret>,
+    clients: Clients,
+    /// Routed requests.
     upstream: Arc<Upstream>,
+    /// Unrouted requests and tunnels: `proxy.allow` and `proxy.block` apply.
+    /// A pool of its own, so no connection opened for a route (exempt) is
+    /// ever reused for unrouted traffic.
+    egress: Arc<Upstream>,
     /// Dedicated HTTP/1.1 connections for upgrades.
     upgrades: upgrade::Dialer,
     upstream_config: UpstreamConfig,
+    policy: Policy,
 }
 
 /// A route at run time: its config, its credentials and its counters.
@@ -90,13 +98,25 @@ impl Routing {
         config: &Config,
         tokens: &Tokens,
         metrics: &Metrics,
+        resolver: &Arc<dyn Resolve>,
         previous: Option<&Routing>,
     ) -> Result<Self, TlsError> {
-        let upstream = match previous {
-            Some(previous) if previous.upstream_config == config.upstream => {
-                previous.upstream.clone()
+        let same_upstream = previous.filter(|p| p.upstream_config == config.upstream);
+        let upstream = match same_upstream {
+            Some(previous) => previous.upstream.clone(),
+            None => {
+                let dialer = Dialer::new(&config.upstream, resolver.clone(), None);
+                Arc::new(Upstream::new(&config.upstream, dialer)?)
             }
-            _ => Arc::new(Upstream::new(&config.upstream)?),
+        };
+        // Connections checked under another policy are not reused.
+        let egress = match same_upstream.filter(|p| p.policy == config.proxy.egress) {
+            Some(previous) => previous.egress.clone(),
+            None => {
+                let policy = Arc::new(config.proxy.egress.clone());
+                let dialer = Dialer::new(&config.upstream, resolver.clone(), Some(policy));
+                Arc::new(Upstream::new(&config.upstream, dialer)?)
+            }
         };
         let routes = config
             .routes
@@ -116,68 +136,60 @@ impl Routing {
                 }
             })
             .collect();
-        let auth = config.proxy.auth.as_ref().map(|auth| {
-            let pair = format!("{}:{}", auth.username, auth.password.expose());
-            Secret::new(base64::engine::general_purpose::STANDARD.encode(pair))
-        });
         Ok(Self {
             table: RouteTable::new(config.routes.iter().map(|r| &r.host)),
             routes,
             unrouted: config.proxy.unrouted,
-            unrouted_metrics: metrics.route(metrics::UNROUTED),
             unrouted_name: Arc::from("-"),
-            auth,
+            clients: Clients::new(&config.proxy.clients, &config.routes, metrics),
             upstream,
+            egress,
             upgrades: upgrade::Dialer::new(&config.upstream)?,
             upstream_config: config.upstream.clone(),
+            policy: config.proxy.egress.clone(),
         })
     }
 
-    fn lookup(&self, host: &str) -> Option<&ActiveRoute> {
-        self.table.lookup(host).map(|index| &self.routes[index])
-    }
-
-    fn authorize(&self, request: &Request<Incoming>) -> Result<(), ProxyError> {
-        let Some(expected) = &self.auth else {
-            return Ok(());
-        };
-        // The scheme is case-insensitive (RFC 9110 §11.1); the credentials are not.
-        let credentials = request
-            .headers()
-            .get(header::PROXY_AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"))
-            .map(|(_, credentials)| credentials.trim());
-        match credentials {
-            Some(sent) if expected.matches(sent.as_bytes()) => Ok(()),
-            _ => Err(ProxyError::AuthRequired),
-        }
+    /// The route for `host` (normalized) and its index.
+    fn lookup(&self, host: &str) -> Option<(usize, &ActiveRoute)> {
+        self.table
+            .lookup(host)
+            .map(|index| (index, &self.routes[index]))
     }
 }
 
 impl Proxy {
+    /// `resolver` answers every name lookup upstream (tests inject their own).
     pub fn new(
         config: &Config,
         tokens: &Tokens,
         leaves: LeafCache,
         metrics: Arc<Metrics>,
         shutdown: Shutdown,
+        resolver: Arc<dyn Resolve>,
     ) -> Result<Self, TlsError> {
-        let routing = Routing::new(config, tokens, &metrics, None)?;
+        let routing = Routing::new(config, tokens, &metrics, &resolver, None)?;
         Ok(Self {
             routing: ArcSwap::from_pointee(routing),
             leaves,
             shutdown,
             metrics,
             limits: config.limits.clone(),
+            resolver,
         })
     }
 
-    /// Swaps in the routes and settings of `config`; requests in flight finish
-    /// on the table they started with.
+    /// Swaps in the routes and settings of `config`; requests in flight, and
+    /// open tunnels, finish on the table (and permissions) they started with.
     pub fn reload(&self, config: &Config, tokens: &Tokens) -> Result<(), TlsError> {
-        let routing = Routing::new(config, tokens, &self.metrics, Some(&self.routing.load()))?;
+        let previous = self.routing.load();
+        let routing = Routing::new(
+            config,
+            tokens,
+            &self.metrics,
+            &self.resolver,
+            Some(&previous),
+        )?;
         self.routing.store(Arc::new(routing));
         Ok(())
     }
@@ -230,35 +242,50 @@ impl Proxy {
             .host()
             .map(routes::normalize)
             .unwrap_or_default();
-        let route = routing.lookup(&host);
-        let response = self
-            .dispatch(&routing, route, request, slot)
-            .await
-            .unwrap_or_else(ProxyError::into_response);
-        let (name, metrics) = match route {
-            Some(route) => (route.name.clone(), &route.metrics),
-            None => (routing.unrouted_name.clone(), &routing.unrouted_metrics),
+        let found = routing.lookup(&host);
+        let (index, route) = (found.map(|(i, _)| i), found.map(|(_, r)| r));
+        let (client, result) = match routing.clients.authenticate(request.headers()) {
+            Ok(client) => {
+                let allowed = match index {
+                    Some(index) => client.check_route(index, &host),
+                    None => Ok(()),
+                };
+                let result = match allowed {
+                    Ok(()) => self.dispatch(&routing, &client, route, request, slot).await,
+                    Err(error) => Err(error),
+                };
+                (client, result)
+            }
+            Err(error) => (routing.clients.anonymous().clone(), Err(error)),
         };
+        let response = result.unwrap_or_else(ProxyError::into_response);
         // A CONNECT opens a tunnel (counted as one); the requests inside count.
         if method != Method::CONNECT {
-            metrics.record(response.status());
+            client.record(index, response.status());
         }
-        Observed::new(
-            response,
-            observe::Line::new(method, host.into(), name, start, Some(peer)),
-        )
+        let name = route.map_or(&routing.unrouted_name, |route| &route.name);
+        let line = observe::Line::new(
+            method,
+            host.into(),
+            name.clone(),
+            client.name.clone(),
+            start,
+            Some(peer),
+        );
+        Observed::new(response, line)
     }
 
     async fn dispatch(
         self: &Arc<Self>,
         routing: &Arc<Routing>,
+        client: &Arc<Client>,
         route: Option<&ActiveRoute>,
         request: Request<Incoming>,
         slot: Slot,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        routing.authorize(&request)?;
         if request.method() == Method::CONNECT {
-            return connect::handle(self.clone(), routing.clone(), request, slot).await;
+            let (proxy, routing, client) = (self.clone(), routing.clone(), client.clone());
+            return connect::handle(proxy, routing, client, request, slot).await;
         }
         let uri = request.uri();
         let (Some(scheme), Some(host)) = (uri.scheme(), uri.host()) else {
@@ -285,7 +312,7 @@ impl Proxy {
                 "{} has no route and proxy.unrouted is \"deny\"",
                 routes::normalize(host)
             ))),
-            None => forward::unrouted(&routing.upstream, request).await,
+            None => forward::unrouted(&routing.egress, request).await,
         }
     }
 
@@ -307,16 +334,19 @@ impl Proxy {
         }
     }
 
-    /// A request inside an intercepted tunnel to `host:port`.
+    /// A request inside an intercepted tunnel to `host:port`, on the routing
+    /// table and with the client the tunnel was opened with.
     async fn intercepted(
         &self,
         routing: &Routing,
-        route: &ActiveRoute,
+        client: &Client,
+        index: usize,
         tunnel: &mitm::Tunnel,
         request: Request<Incoming>,
     ) -> Response<Observed> {
         let start = Instant::now();
         let method = request.method().clone();
+        let route = &routing.routes[index];
         let result = match check_tunnel_host(&request, &tunnel.target.host, tunnel.port) {
             Ok(()) => {
                 let slot = tunnel.slot.clone();
@@ -326,11 +356,13 @@ impl Proxy {
             Err(error) => Err(error),
         };
         let response = result.unwrap_or_else(ProxyError::into_response);
-        route.metrics.record(response.status());
+        client.record(Some(index), response.status());
+        // The CONNECT line named the peer.
         let line = observe::Line::new(
             method,
             tunnel.target.host.clone(),
             route.name.clone(),
+            client.name.clone(),
             start,
             None,
         );

@@ -41,6 +41,15 @@ impl HostPattern {
         }
         Ok(pattern)
     }
+
+    /// Whether `host` (already normalized) matches: a wildcard matches
+    /// subdomains, not its bare domain; IP addresses match nothing.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            Self::Exact(exact) => exact == host,
+            Self::Wildcard(suffix) => host.parse::<IpAddr>().is_err() && under(suffix, host),
+        }
+    }
 }
 
 impl fmt::Display for HostPattern {
@@ -62,6 +71,11 @@ impl fmt::Debug for HostPattern {
 /// like `api.example.com`.
 pub fn normalize(host: &str) -> String {
     host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Whether `host` is a subdomain of the wildcard's `suffix` (".example.com").
+fn under(suffix: &str, host: &str) -> bool {
+    host.len() > suffix.len() && host.ends_with(suffix)
 }
 
 /// Maps a host to the index of its route in the config's route list.
@@ -99,7 +113,7 @@ impl RouteTable {
         }
         self.wildcards
             .iter()
-            .find(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
+            .find(|(suffix, _)| under(suffix, host))
             .map(|&(_, index)| index)
     }
 }

@@ -45,3 +45,7 @@ mod authorize;
 
 // Issue 18: WebSockets and other upgrades through interception; streaming responses.
 mod proxy_websocket;
+
+// Issue 13: who may use which credential, and where unrouted traffic may go.
+mod proxy_client_routes;
+mod proxy_egress;

@@ -70,7 +70,8 @@ async fn json_logs_are_one_object_per_line_with_the_request_fields_and_no_query_
         latency.chars().any(|c| c.is_ascii_digit()),
         "latency: {line}"
     );
-    assert!(f.get("client").is_some(), "client address: {line}");
+    assert!(f.get("peer").is_some(), "client address: {line}");
+    assert_eq!(f["client"], "-", "no client is configured: {line}");
     for forbidden in ["secret=", "page=2", "?", "logs-test", "Bearer"] {
         assert!(
             !line.contains(forbidden),

@@ -32,7 +32,8 @@ async fn stop(proxy: ProxyProcess) {
 }
 
 fn requests(scrape: &prom::Scrape, route: &str, class: &str) -> f64 {
-    scrape.get(REQUESTS, &[("route", route), ("status_class", class)])
+    let labels = [("route", route), ("client", "-"), ("status_class", class)];
+    scrape.get(REQUESTS, &labels)
 }
 
 #[test]

@@ -73,7 +73,11 @@ async fn a_plain_http_client_on_the_sidecar_port_reaches_the_https_api_with_the_
     assert_eq!(
         scrape.get(
             "credproxy_requests_total",
-            &[("route", API_HOST), ("status_class", "2xx")]
+            &[
+                ("route", API_HOST),
+                ("client", "-"),
+                ("status_class", "2xx")
+            ]
         ),
         1.0,
         "sidecar requests count in the route's metrics"

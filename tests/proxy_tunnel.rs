@@ -60,7 +60,9 @@ async fn unrouted_connect_is_a_blind_tunnel_to_the_real_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_to_an_ip_address_is_unrouted_even_when_it_is_the_apis() {
     let setup = Setup::start().await;
-    let proxy = setup.start_proxy(&ProxyOptions::default()).await;
+    // The test API listens on loopback, which the default proxy.block refuses.
+    let options = ProxyOptions::default().proxy_key("block", "[]");
+    let proxy = setup.start_proxy(&options).await;
     let target = setup.api.https_addr().to_string();
     assert_blind_tunnel(&setup, proxy.proxy_addr, &target, "127.0.0.1").await;
     proxy.stop().await;

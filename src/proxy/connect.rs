@@ -1,5 +1,6 @@
 //! CONNECT: a routed host is intercepted (TLS terminated with a minted leaf),
-//! anything else follows `proxy.unrouted`: a blind tunnel or 403.
+//! anything else follows `proxy.unrouted`: a blind tunnel — to an address the
+//! egress policy passed — or 403.
 
 use std::sync::Arc;
 
@@ -7,6 +8,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
+use super::clients::Client;
 use super::error::ProxyError;
 use super::{Proxy, Routing, mitm, tunnel};
 
@@ -16,9 +18,12 @@ use crate::metrics::TunnelKind;
 use crate::routes;
 use crate::server::Slot;
 
+/// A tunnel keeps the routing table and the client it was opened with (a
+/// reload changes neither for it), and its connection slot, until it closes.
 pub async fn handle(
     proxy: Arc<Proxy>,
     routing: Arc<Routing>,
+    client: Arc<Client>,
     request: Request<Incoming>,
     slot: Slot,
 ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -45,7 +50,12 @@ pub async fn handle(
                 Ok(upgraded) => {
                     let _open = proxy.metrics.tunnel(TunnelKind::Intercepted);
                     let io = TokioIo::new(upgraded);
-                    mitm::serve(proxy.clone(), routing, route, (host, port), slot, io).await;
+                    let opened = mitm::Intercepted {
+                        routing,
+                        client,
+                        route,
+                    };
+                    mitm::serve(proxy.clone(), opened, (host, port), slot, io).await;
                 }
                 Err(error) => tracing::debug!(%error, "CONNECT upgrade failed"),
             }
@@ -57,7 +67,7 @@ pub async fn handle(
             "{host} has no route and proxy.unrouted is \"deny\""
         )));
     }
-    let upstream = routing.upstream.connect_tcp(&host, port).await?;
+    let upstream = routing.egress.connect_tcp(&host, port).await?;
     shutdown.spawn(async move {
         match upgrade.await {
             Ok(upgraded) => {

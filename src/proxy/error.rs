@@ -4,6 +4,7 @@
 use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::body::{self, ProxyBody};
+use crate::egress::Refusal;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -11,6 +12,12 @@ pub enum ProxyError {
     AuthRequired,
     #[error("{0}")]
     Denied(String),
+    #[error("{0}")]
+    RouteNotAllowed(String),
+    #[error("{0}")]
+    DestinationNotAllowed(String),
+    #[error("{0}")]
+    BlockedAddress(String),
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
@@ -23,11 +30,26 @@ pub enum ProxyError {
     Timeout(String),
 }
 
+impl From<Refusal> for ProxyError {
+    fn from(refusal: Refusal) -> Self {
+        let message = refusal.to_string();
+        match refusal {
+            Refusal::NotAllowed { .. } => Self::DestinationNotAllowed(message),
+            Refusal::Blocked { .. } | Refusal::BlockedLiteral { .. } => {
+                Self::BlockedAddress(message)
+            }
+        }
+    }
+}
+
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::AuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
-            Self::Denied(_) => StatusCode::FORBIDDEN,
+            Self::Denied(_)
+            | Self::RouteNotAllowed(_)
+            | Self::DestinationNotAllowed(_)
+            | Self::BlockedAddress(_) => StatusCode::FORBIDDEN,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::HostMismatch(_) => StatusCode::MISDIRECTED_REQUEST,
             Self::Unreachable(_) => StatusCode::BAD_GATEWAY,
@@ -40,6 +62,9 @@ impl ProxyError {
         match self {
             Self::AuthRequired => "proxy_auth_required",
             Self::Denied(_) => "denied",
+            Self::RouteNotAllowed(_) => "route_not_allowed",
+            Self::DestinationNotAllowed(_) => "destination_not_allowed",
+            Self::BlockedAddress(_) => "blocked_address",
             Self::BadRequest(_) => "bad_request",
             Self::HostMismatch(_) => "host_mismatch",
             Self::Unreachable(_) => "upstream_unreachable",

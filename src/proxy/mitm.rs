@@ -15,6 +15,7 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio_rustls::TlsAcceptor;
 
+use super::clients::Client;
 use super::forward::Target;
 use super::prefixed::Prefixed;
 use super::{Proxy, Routing};
@@ -24,6 +25,15 @@ use crate::server::{self, Slot};
 const TLS_HANDSHAKE: u8 = 0x16;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(30);
+
+/// The table, client and route an intercepted tunnel was opened with: every
+/// request inside uses them, whatever a reload changed since.
+pub struct Intercepted {
+    pub routing: Arc<Routing>,
+    pub client: Arc<Client>,
+    /// Index into `routing.routes`.
+    pub route: usize,
+}
 
 /// The CONNECT target a tunnel is bound to.
 pub struct Tunnel {
@@ -39,8 +49,7 @@ pub struct Tunnel {
 /// generic futures on its own.
 pub fn serve<S>(
     proxy: Arc<Proxy>,
-    routing: Arc<Routing>,
-    route: usize,
+    opened: Intercepted,
     (host, port): (String, u16),
     slot: Slot,
     io: S,
@@ -48,13 +57,12 @@ pub fn serve<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    Box::pin(intercept(proxy, routing, route, (host, port), slot, io))
+    Box::pin(intercept(proxy, opened, (host, port), slot, io))
 }
 
 async fn intercept<S>(
     proxy: Arc<Proxy>,
-    routing: Arc<Routing>,
-    route: usize,
+    opened: Intercepted,
     (host, port): (String, u16),
     slot: Slot,
     mut io: S,
@@ -69,9 +77,10 @@ async fn intercept<S>(
     let io = Prefixed::new(Bytes::copy_from_slice(&first), io);
     if first[0] != TLS_HANDSHAKE {
         // Plain HTTP after CONNECT (some clients do this for port 80).
-        let target = Target::plain(&routing.routes[route].config, host.into(), Some(port));
+        let route = &opened.routing.routes[opened.route].config;
+        let target = Target::plain(route, host.into(), Some(port));
         let tunnel = Tunnel { port, target, slot };
-        return serve_http(proxy, routing, route, tunnel, io).await;
+        return serve_http(proxy, opened, tunnel, io).await;
     }
     let config = match proxy.leaves.server_config(&host) {
         Ok(config) => config,
@@ -84,32 +93,34 @@ async fn intercept<S>(
         Ok(Ok(tls)) => {
             let target = Target::intercepted(host.into(), port);
             let tunnel = Tunnel { port, target, slot };
-            serve_http(proxy, routing, route, tunnel, tls).await;
+            serve_http(proxy, opened, tunnel, tls).await;
         }
         Ok(Err(error)) => tracing::debug!(%host, %error, "client TLS handshake failed"),
         Err(_) => tracing::debug!(%host, "client TLS handshake timed out"),
     }
 }
 
-async fn serve_http<S>(
-    proxy: Arc<Proxy>,
-    routing: Arc<Routing>,
-    route: usize,
-    tunnel: Tunnel,
-    io: S,
-) where
+async fn serve_http<S>(proxy: Arc<Proxy>, opened: Intercepted, tunnel: Tunnel, io: S)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let signal = proxy.shutdown.signal();
     let limits = proxy.limits.clone();
-    let tunnel = Arc::new(tunnel);
+    let (tunnel, opened) = (Arc::new(tunnel), Arc::new(opened));
     let service = {
         let proxy = proxy.clone();
         service_fn(move |request| {
-            let (proxy, routing, tunnel) = (proxy.clone(), routing.clone(), tunnel.clone());
+            let (proxy, opened, tunnel) = (proxy.clone(), opened.clone(), tunnel.clone());
             async move {
-                let route = &routing.routes[route];
-                Ok::<_, Infallible>(proxy.intercepted(&routing, route, &tunnel, request).await)
+                let Intercepted {
+                    routing,
+                    client,
+                    route,
+                } = &*opened;
+                let response = proxy
+                    .intercepted(routing, client, *route, &tunnel, request)
+                    .await;
+                Ok::<_, Infallible>(response)
             }
         })
     };

@@ -23,9 +23,11 @@ pub struct Line {
     method: Method,
     host: Arc<str>,
     route: Arc<str>,
+    /// The proxy client's name (from the config), `-` for none.
+    client: Arc<str>,
     start: Instant,
-    /// None inside an intercepted tunnel: its CONNECT line named the client.
-    client: Option<SocketAddr>,
+    /// None inside an intercepted tunnel: its CONNECT line named the peer.
+    peer: Option<SocketAddr>,
     status: StatusCode,
 }
 
@@ -34,15 +36,17 @@ impl Line {
         method: Method,
         host: Arc<str>,
         route: Arc<str>,
+        client: Arc<str>,
         start: Instant,
-        client: Option<SocketAddr>,
+        peer: Option<SocketAddr>,
     ) -> Self {
         Self {
             method,
             host,
             route,
-            start,
             client,
+            start,
+            peer,
             status: StatusCode::OK,
         }
     }
@@ -51,18 +55,19 @@ impl Line {
     /// upgraded connection (a request body is not counted).
     fn write(&self, bytes: u64, bytes_up: Option<u64>) {
         let latency = format_args!("{:.1}ms", self.start.elapsed().as_secs_f64() * 1000.0);
-        let (method, host, route, status) = (
+        let (method, host, route, status, client) = (
             &self.method,
             &*self.host,
             &*self.route,
             self.status.as_u16(),
+            &*self.client,
         );
-        match self.client {
-            Some(client) => {
-                tracing::info!(%method, host, route, status, bytes, bytes_up, %latency, %client, "request")
+        match self.peer {
+            Some(peer) => {
+                tracing::info!(%method, host, route, status, bytes, bytes_up, %latency, client, %peer, "request")
             }
             None => {
-                tracing::info!(%method, host, route, status, bytes, bytes_up, %latency, "request")
+                tracing::info!(%method, host, route, status, bytes, bytes_up, %latency, client, "request")
             }
         }
     }

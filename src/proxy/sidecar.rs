@@ -15,10 +15,10 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::Proxy;
 use super::error::ProxyError;
 use super::forward::Target;
 use super::observe::{self, Observed};
-use super::{ActiveRoute, Proxy};
 use crate::config::Sidecar;
 use crate::routes;
 use crate::server::{self, Slot};
@@ -88,7 +88,8 @@ async fn handle(
     let routing = proxy.routing.load_full();
     let method = request.method().clone();
     // After a reload the route may be gone: never send credentials without one.
-    let route: Option<&ActiveRoute> = routing.lookup(&upstream.target.host);
+    let found = routing.lookup(&upstream.target.host);
+    let (index, route) = (found.map(|(i, _)| i), found.map(|(_, r)| r));
     let result = match route {
         Some(route) => match with_prefix(request, &upstream.prefix) {
             Ok(request) => {
@@ -104,9 +105,11 @@ async fn handle(
         ))),
     };
     let response = result.unwrap_or_else(ProxyError::into_response);
+    // A sidecar has no client authentication: its requests have no client name.
+    let client = routing.clients.anonymous();
     let name = match route {
         Some(route) => {
-            route.metrics.record(response.status());
+            client.record(index, response.status());
             route.name.clone()
         }
         None => routing.unrouted_name.clone(),
@@ -117,6 +120,7 @@ async fn handle(
             method,
             upstream.target.host.clone(),
             name,
+            client.name.clone(),
             start,
             Some(peer),
         ),

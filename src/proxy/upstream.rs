@@ -1,13 +1,10 @@
 //! Connections to the real APIs: pooled HTTP/1.1 keep-alive and HTTP/2 (by
-//! ALPN), TLS verified against the system roots + `upstream.extra_ca`, and
-//! `upstream.resolve` applied to every TCP connection, tunnels included.
+//! ALPN), TLS verified against the system roots + `upstream.extra_ca`, TCP
+//! connections opened by a [`Dialer`] (`upstream.resolve`, the egress policy).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -20,11 +17,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
+use super::dial::{self, Dialer};
 use super::error::ProxyError;
 
 use crate::body::ProxyBody;
 use crate::config::UpstreamConfig;
-use crate::routes;
 use crate::tls::{self, TlsError};
 
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -36,11 +33,8 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig) -> Result<Self, TlsError> {
-        let connector = Connector {
-            resolve: Arc::new(config.resolve.clone()),
-            connect_timeout: config.connect_timeout,
-        };
+    pub fn new(config: &UpstreamConfig, dialer: Dialer) -> Result<Self, TlsError> {
+        let connector = Connector { dialer };
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls::client_config(config, &[])?)
             .https_or_http()
@@ -94,9 +88,10 @@ impl Upstream {
         }
     }
 
-    /// A raw TCP connection, for blind tunnels.
+    /// A raw TCP connection, for blind tunnels and upgrades.
     pub async fn connect_tcp(&self, host: &str, port: u16) -> Result<TcpStream, ProxyError> {
         self.connector
+            .dialer
             .connect(host, port)
             .await
             .map_err(|e| connect_error(&format!("{host}:{port}"), &e))
@@ -130,6 +125,9 @@ impl http_body::Body for SignalOnDrop {
 }
 
 fn classify(authority: &str, error: &hyper_util::client::legacy::Error) -> ProxyError {
+    if let Some(refusal) = dial::refusal(error) {
+        return refusal.clone().into();
+    }
     let text = crate::report::chain(error);
     if error.is_connect() {
         // The connector reports its own timeout as TimedOut.
@@ -145,6 +143,9 @@ fn classify(authority: &str, error: &hyper_util::client::legacy::Error) -> Proxy
 }
 
 fn connect_error(target: &str, error: &io::Error) -> ProxyError {
+    if let Some(refusal) = dial::refusal(error) {
+        return refusal.clone().into();
+    }
     if error.kind() == io::ErrorKind::TimedOut {
         ProxyError::Timeout(format!("connecting to {target} timed out"))
     } else {
@@ -154,43 +155,10 @@ fn connect_error(target: &str, error: &io::Error) -> ProxyError {
 
 // === impl Connector ===
 
-/// TCP connector honouring `upstream.resolve` (host *and* port, like curl's
-/// `--resolve`), with a connect timeout and TCP_NODELAY.
+/// The pool's TCP connector: a [`Dialer`] as a tower service.
 #[derive(Clone)]
 pub struct Connector {
-    resolve: Arc<HashMap<String, SocketAddr>>,
-    connect_timeout: Duration,
-}
-
-impl Connector {
-    async fn connect(&self, host: &str, port: u16) -> io::Result<TcpStream> {
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let addrs: Vec<SocketAddr> = match self
-            .resolve
-            .get(&format!("{}:{port}", routes::normalize(host)))
-        {
-            Some(addr) => vec![*addr],
-            None => tokio::net::lookup_host((host, port)).await?.collect(),
-        };
-        let mut last_error =
-            io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"));
-        for addr in addrs {
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(stream)) => {
-                    stream.set_nodelay(true)?;
-                    return Ok(stream);
-                }
-                Ok(Err(error)) => last_error = error,
-                Err(_) => {
-                    last_error = io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("connecting to {addr} timed out"),
-                    )
-                }
-            }
-        }
-        Err(last_error)
-    }
+    dialer: Dialer,
 }
 
 impl tower_service::Service<Uri> for Connector {
@@ -214,6 +182,7 @@ impl tower_service::Service<Uri> for Connector {
                 80
             };
             let stream = this
+                .dialer
                 .connect(host, uri.port_u16().unwrap_or(default_port))
                 .await?;
             Ok(TokioIo::new(stream))

@@ -88,6 +88,20 @@ impl Setup {
         InProcess::start(&self.config(options).load(&self.dir)).await
     }
 
+    /// Starts credproxy in this process with `resolver` answering its upstream name
+    /// lookups, and waits until it holds its first token.
+    pub async fn start_proxy_resolving(
+        &self,
+        options: &ProxyOptions,
+        resolver: Arc<dyn credproxy::proxy::dial::Resolve>,
+    ) -> InProcess {
+        let config = self.config(options).load(&self.dir);
+        let proxy =
+            InProcess::start_with(credproxy::app::start_with_resolver(&config, resolver)).await;
+        proxy.wait_for_generation(1).await;
+        proxy
+    }
+
     /// Runs `credproxy run` as a process and waits until it listens.
     pub async fn spawn_proxy(&self, options: &ProxyOptions) -> ProxyProcess {
         self.spawn_proxy_with(options, &[], &[]).await
@@ -163,6 +177,8 @@ pub struct ProxyOptions {
     resolve: BTreeMap<String, SocketAddr>,
     admin_listen: String,
     admin_token: Option<String>,
+    /// More `[proxy]` entries: key and TOML value.
+    proxy: Vec<(String, String)>,
     /// `[limits]` entries: key and TOML value.
     limits: Vec<(String, String)>,
     /// `[[sidecars]]` upstream URLs, each listening on 127.0.0.1:0.
@@ -190,6 +206,7 @@ impl Default for ProxyOptions {
             resolve: BTreeMap::new(),
             admin_listen: "127.0.0.1:0".to_owned(),
             admin_token: None,
+            proxy: Vec::new(),
             limits: Vec::new(),
             sidecars: Vec::new(),
             route_host: API_HOST.to_owned(),
@@ -244,6 +261,13 @@ impl ProxyOptions {
     /// `admin.token`
     pub fn admin_token(mut self, token: &str) -> Self {
         self.admin_token = Some(token.to_owned());
+        self
+    }
+
+    /// `proxy.KEY = VALUE`, the value as TOML (`r#"["private"]"#`); replaces an earlier one.
+    pub fn proxy_key(mut self, key: &str, toml_value: &str) -> Self {
+        self.proxy.retain(|(k, _)| k != key);
+        self.proxy.push((key.to_owned(), toml_value.to_owned()));
         self
     }
 
@@ -324,6 +348,9 @@ impl ProxyOptions {
                 s(password)
             ));
         }
+        for (key, value) in &self.proxy {
+            out.push_str(&format!("{key} = {value}\n"));
+        }
         out.push_str(&format!("\n[admin]\nlisten = {}\n", s(&self.admin_listen)));
         if let Some(token) = &self.admin_token {
             out.push_str(&format!("token = {}\n", s(token)));
@@ -403,7 +430,14 @@ pub struct InProcess {
 impl InProcess {
     /// `credproxy::app::start(config)`, bounded; panics if it fails.
     pub async fn start(config: &credproxy::config::Config) -> Self {
-        let running = tokio::time::timeout(WAIT, credproxy::app::start(config))
+        Self::start_with(credproxy::app::start(config)).await
+    }
+
+    /// Awaits `start` (an `app::start…` call), bounded; panics if it fails.
+    async fn start_with(
+        start: impl Future<Output = Result<credproxy::app::Running, credproxy::error::Error>>,
+    ) -> Self {
+        let running = tokio::time::timeout(WAIT, start)
             .await
             .expect("credproxy did not start in time")
             .unwrap_or_else(|e| {
