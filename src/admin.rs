@@ -1,21 +1,29 @@
 //! The admin listener: `GET /healthz` (alive), `GET /readyz` (200 only when every
 //! integration holds a valid token and none has failed), `GET /metrics`
 //! (Prometheus text), `GET /integrations` (status, no secrets),
-//! `POST /integrations/NAME/refresh` (force one refresh), `POST /reload`.
+//! `POST /integrations/NAME/refresh` (force one refresh), `POST /reload`, and
+//! `GET /`: the status page for a person (`page`), with its script and style.
 //! With `admin.token` set, everything but the probes (`/healthz`, `/readyz`)
-//! needs `Authorization: Bearer`.
+//! needs `Authorization: Bearer <token>`, or Basic with the token as password
+//! (what a browser can send). A POST from a browser must come from this
+//! listener's own pages (the CSRF guard).
+
+mod figures;
+mod page;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use time::OffsetDateTime;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use crate::body::{self, ProxyBody};
 use crate::config::Config;
@@ -30,14 +38,24 @@ pub struct Admin {
     state: Arc<State>,
     token: Option<Secret>,
     shutdown: Shutdown,
+    /// (role, address) of every listener, for the status page.
+    listeners: Vec<(String, SocketAddr)>,
+    started: Instant,
 }
 
 impl Admin {
-    pub fn new(state: Arc<State>, config: &Config, shutdown: Shutdown) -> Self {
+    pub fn new(
+        state: Arc<State>,
+        config: &Config,
+        shutdown: Shutdown,
+        listeners: Vec<(String, SocketAddr)>,
+    ) -> Self {
         Self {
             state,
             token: config.admin.token.clone(),
             shutdown,
+            listeners,
+            started: Instant::now(),
         }
     }
 
@@ -59,6 +77,21 @@ impl Admin {
     }
 
     async fn handle(&self, request: Request<Incoming>) -> Response<ProxyBody> {
+        let mut response = self.route(request).await;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(page::CONTENT_SECURITY_POLICY),
+        );
+        headers.insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
+    }
+
+    async fn route(&self, request: Request<Incoming>) -> Response<ProxyBody> {
         let path = request.uri().path();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         let probe = matches!(segments.as_slice(), ["healthz" | "readyz"]);
@@ -68,13 +101,27 @@ impl Admin {
                 "unauthorized",
                 "admin.token is set: send Authorization: Bearer <token>",
             );
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            let headers = response.headers_mut();
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            // Lets a browser ask for the token (as the password) and send it.
+            headers.append(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"credproxy admin\", charset=\"UTF-8\""),
+            );
             return response;
+        }
+        if request.method() == Method::POST && cross_site(&request) {
+            return error(
+                StatusCode::FORBIDDEN,
+                "cross_site_request",
+                "a browser may post to the admin listener only from its own pages",
+            );
         }
         let tokens = self.state.tokens();
         match (request.method(), segments.as_slice()) {
+            (&Method::GET, [""]) => self.page(&request),
+            (&Method::GET, ["status.js"]) => typed(page::SCRIPT, "text/javascript; charset=utf-8"),
+            (&Method::GET, ["status.css"]) => typed(page::STYLE, "text/css; charset=utf-8"),
             (&Method::GET, ["healthz"]) => {
                 json(StatusCode::OK, &serde_json::json!({ "status": "ok" }))
             }
@@ -99,14 +146,7 @@ impl Admin {
                 )
             }
             (&Method::GET, ["metrics"]) => match self.state.metrics().encode() {
-                Ok(text) => {
-                    let mut response = Response::new(body::full(text));
-                    response.headers_mut().insert(
-                        header::CONTENT_TYPE,
-                        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-                    );
-                    response
-                }
+                Ok(text) => typed(text, "text/plain; version=0.0.4; charset=utf-8"),
                 Err(_) => error(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "metrics_failed",
@@ -118,14 +158,26 @@ impl Admin {
                 json(StatusCode::OK, &statuses)
             }
             (&Method::POST, ["integrations", name, "refresh"]) => match tokens.get(name) {
-                Some(integration) => match integration.refresh(Reason::Always).await {
-                    Ok(_) => json(StatusCode::OK, &integration.status()),
-                    Err(e) => error(
-                        StatusCode::BAD_GATEWAY,
-                        "refresh_failed",
-                        &crate::report::chain(&e),
-                    ),
-                },
+                Some(integration) => {
+                    let outcome = integration.refresh(Reason::Always).await;
+                    // A form on the status page (no JavaScript): back to the page.
+                    if wants_html(&request) {
+                        let notice = if outcome.is_ok() {
+                            "refreshed"
+                        } else {
+                            "refresh_failed"
+                        };
+                        return see_other(&format!("/?{notice}={name}"));
+                    }
+                    match outcome {
+                        Ok(_) => json(StatusCode::OK, &integration.status()),
+                        Err(e) => error(
+                            StatusCode::BAD_GATEWAY,
+                            "refresh_failed",
+                            &crate::report::chain(&e),
+                        ),
+                    }
+                }
                 None => error(
                     StatusCode::NOT_FOUND,
                     "not_found",
@@ -145,7 +197,8 @@ impl Admin {
             },
             (
                 _,
-                ["healthz" | "readyz" | "metrics" | "integrations"]
+                ["" | "status.js" | "status.css"]
+                | ["healthz" | "readyz" | "metrics" | "integrations"]
                 | ["reload"]
                 | ["integrations", _, "refresh"],
             ) => error(
@@ -157,19 +210,125 @@ impl Admin {
         }
     }
 
+    /// `GET /`: the status page, built from the same sources as `/integrations`
+    /// and `/metrics`.
+    fn page(&self, request: &Request<Incoming>) -> Response<ProxyBody> {
+        let tokens = self.state.tokens();
+        let statuses: Vec<_> = tokens.iter().map(|i| i.status()).collect();
+        let routes = self.state.routes();
+        let figures = self
+            .state
+            .metrics()
+            .encode()
+            .map(|text| figures::by_route(&text))
+            .unwrap_or_default();
+        let store = self.state.store();
+        // Only a configured integration's name is echoed back.
+        let query: Vec<(String, String)> = request
+            .uri()
+            .query()
+            .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+            .unwrap_or_default();
+        let notice = query.iter().find_map(|(key, name)| {
+            let name = tokens.get(name)?.name();
+            match key.as_str() {
+                "refreshed" => Some(page::Notice::Refreshed(name)),
+                "refresh_failed" => Some(page::Notice::RefreshFailed(name)),
+                _ => None,
+            }
+        });
+        let view = page::View {
+            statuses: &statuses,
+            routes: &routes,
+            figures: &figures,
+            listeners: &self.listeners,
+            store: &store,
+            version: env!("CARGO_PKG_VERSION"),
+            uptime: time::Duration::try_from(self.started.elapsed()).unwrap_or_default(),
+            now: OffsetDateTime::now_utc(),
+            notice,
+        };
+        typed(page::render(&view), "text/html; charset=utf-8")
+    }
+
+    /// Bearer, or Basic with any user name and the token as password.
     fn authorized(&self, request: &Request<Incoming>) -> bool {
         let Some(expected) = &self.token else {
             return true;
         };
-        let sent = request
+        let Some((scheme, credentials)) = request
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token.trim().as_bytes());
-        sent.is_some_and(|sent| expected.matches(sent))
+        else {
+            return false;
+        };
+        let sent = if scheme.eq_ignore_ascii_case("bearer") {
+            credentials.trim().as_bytes().to_vec()
+        } else if scheme.eq_ignore_ascii_case("basic") {
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(credentials.trim())
+                .unwrap_or_default();
+            match decoded.iter().position(|b| *b == b':') {
+                Some(colon) => decoded[colon + 1..].to_vec(),
+                None => return false,
+            }
+        } else {
+            return false;
+        };
+        expected.matches(&sent)
     }
+}
+
+/// A POST a browser sent from another site's page (CSRF), judged by the
+/// headers browsers add and pages cannot forge: `Sec-Fetch-Site`, else
+/// `Origin` against `Host`. Clients that send neither (curl, scripts) are not
+/// browsers and pass.
+fn cross_site(request: &Request<Incoming>) -> bool {
+    let headers = request.headers();
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    if let Some(site) = text(http::header::HeaderName::from_static("sec-fetch-site")) {
+        return !matches!(site, "same-origin" | "none");
+    }
+    match text(header::ORIGIN) {
+        None => false,
+        Some(origin) => {
+            let host = text(header::HOST);
+            let origin_host = origin.strip_prefix("http://");
+            origin_host.is_none() || origin_host != host
+        }
+    }
+}
+
+/// A browser's form post asks for a page; fetch() and curl ask for anything.
+fn wants_html(request: &Request<Incoming>) -> bool {
+    request
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("text/html"))
+}
+
+fn see_other(location: &str) -> Response<ProxyBody> {
+    let mut response = Response::new(body::empty());
+    *response.status_mut() = StatusCode::SEE_OTHER;
+    if let Ok(value) = HeaderValue::from_str(location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
+fn typed(content: impl Into<bytes::Bytes>, content_type: &'static str) -> Response<ProxyBody> {
+    let mut response = Response::new(body::full(content));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response<ProxyBody> {

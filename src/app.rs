@@ -114,7 +114,21 @@ pub async fn start_with_resolver(
         ));
     }
     let admin_addr = local_addr(&admin_listener)?;
-    let admin = Arc::new(admin::Admin::new(state.clone(), config, shutdown.clone()));
+    let mut listeners = vec![
+        ("proxy".to_owned(), proxy_addr),
+        ("admin".to_owned(), admin_addr),
+    ];
+    for (addr, sidecar) in sidecar_addrs.iter().zip(&config.sidecars) {
+        // The origin only: a URL may carry credentials.
+        let upstream = sidecar.upstream.origin().ascii_serialization();
+        listeners.push((format!("sidecar → {upstream}"), *addr));
+    }
+    let admin = Arc::new(admin::Admin::new(
+        state.clone(),
+        config,
+        shutdown.clone(),
+        listeners,
+    ));
     let admission = Admission::new(ADMIN_MAX_CONNECTIONS, Gauge::default(), Counter::default());
     tokio::spawn(server::accept_loop(
         admin_listener,

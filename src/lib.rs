@@ -6,7 +6,9 @@
 //! - `cli`, `commands`, `app`, `demo`: the command line, the one-shot commands,
 //!   `credproxy run` (refreshers, proxy, sidecars and admin listener, graceful
 //!   stop), and the demo OAuth and API servers behind `credproxy demo`.
-//! - `admin`: health, readiness, integration status, forced refresh, metrics, reload.
+//! - `admin` (+ `admin/`): health, readiness, integration status, forced refresh,
+//!   metrics, reload, and the HTML status page (`page`, its route `figures` read
+//!   from the metrics text, `status.js`/`status.css`).
 //! - `live`: the running process as the admin API and a reload see it.
 //! - `error`: the top-level error and its exit codes.
 //! - `authorize`: `credproxy authorize`, the authorization-code flow with PKCE.

@@ -12,7 +12,7 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::oauth::OAuthClient;
 use crate::proxy::Proxy;
-use crate::state::StateStore;
+use crate::state::{StateStore, StoreInfo};
 use crate::tokens::{Refreshers, Tokens};
 
 /// What the admin API and a reload work on.
@@ -58,6 +58,15 @@ impl State {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// The routes in effect (name, integration).
+    pub fn routes(&self) -> Vec<(Arc<str>, Option<String>)> {
+        self.proxy.routes()
+    }
+
+    pub fn store(&self) -> StoreInfo {
+        self.store.describe()
     }
 
     /// Re-reads the config file and swaps in its routes, integrations and

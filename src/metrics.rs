@@ -128,6 +128,10 @@ impl Metrics {
             "Open tunnels: blind or intercepted CONNECT, and upgraded connections",
             tunnels.clone(),
         );
+        // Both series from the start: a dashboard shows 0, not "no data".
+        for kind in ["blind", "intercepted"] {
+            let _ = tunnels.get_or_create(&KindLabels { kind });
+        }
         let cache = Family::<ResultLabels, Counter>::default();
         registry.register(
             "cert_cache",

@@ -194,6 +194,17 @@ impl Proxy {
         Ok(())
     }
 
+    /// The routes in effect: each one's name (its host pattern, also its metrics
+    /// label) and integration, for the status page.
+    pub fn routes(&self) -> Vec<(Arc<str>, Option<String>)> {
+        self.routing
+            .load()
+            .routes
+            .iter()
+            .map(|route| (route.name.clone(), route.config.integration.clone()))
+            .collect()
+    }
+
     /// Serves one client connection (HTTP/1.1, with CONNECT upgrades). A
     /// tunnel keeps the connection's `slot` until it closes.
     pub async fn serve_connection(

@@ -88,6 +88,19 @@ pub trait StateStore: Send + Sync + 'static {
     /// Exclusive across processes; waits for a holder to finish.
     fn lock(&self, integration: &str) -> Result<StateLock, StateError>;
     fn save(&self, integration: &str, entry: &Entry) -> Result<(), StateError>;
+    /// What the status page shows about the store. Does no I/O.
+    fn describe(&self) -> StoreInfo;
+}
+
+/// A store as an operator sees it: never a password or a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreInfo {
+    /// "file", or another store's kind.
+    pub kind: &'static str,
+    /// The file's path, or the database without its credentials.
+    pub location: String,
+    /// Tokens sealed at rest.
+    pub sealed: bool,
 }
 
 /// A hash of a config refresh token, to notice when the config's token changed
@@ -218,6 +231,14 @@ impl FileStore {
 }
 
 impl StateStore for FileStore {
+    fn describe(&self) -> StoreInfo {
+        StoreInfo {
+            kind: "file",
+            location: self.path.display().to_string(),
+            sealed: false,
+        }
+    }
+
     fn load(&self, integration: &str) -> Result<Option<Entry>, StateError> {
         Ok(self.read()?.integrations.remove(integration))
     }

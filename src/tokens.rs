@@ -11,6 +11,7 @@
 pub mod refresh;
 pub mod schedule;
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -34,6 +35,8 @@ const ON_DEMAND_INTERVAL: Duration = Duration::from_secs(1);
 /// Forced refreshes (an upstream 401): at most one per this interval, so an API
 /// that rejects every token cannot make us hammer the provider.
 const FORCED_INTERVAL: Duration = Duration::from_secs(10);
+/// Refresh attempts `Status::recent` keeps: the status page's sparkline.
+pub const RECENT_ATTEMPTS: usize = 20;
 
 /// One published access token. Immutable; replaced whole on refresh.
 #[derive(Debug)]
@@ -76,6 +79,16 @@ pub struct Status {
     /// Failed refresh attempts, for metrics.
     #[serde(skip)]
     pub failure_count: u64,
+    /// The last `RECENT_ATTEMPTS` refresh attempts, oldest first.
+    pub recent: Vec<Attempt>,
+}
+
+/// One refresh attempt's outcome, for the status page.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Attempt {
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    pub ok: bool,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -277,6 +290,17 @@ struct StatusInner {
     last_error: Option<String>,
     refresh_count: u64,
     failure_count: u64,
+    /// Bounded: the oldest attempt drops out.
+    recent: VecDeque<Attempt>,
+}
+
+impl StatusInner {
+    fn record_attempt(&mut self, at: OffsetDateTime, ok: bool) {
+        if self.recent.len() == RECENT_ATTEMPTS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(Attempt { at, ok });
+    }
 }
 
 /// The refresh token to use and where it came from.
@@ -307,6 +331,7 @@ impl Integration {
                 last_error: None,
                 refresh_count: 0,
                 failure_count: 0,
+                recent: VecDeque::with_capacity(RECENT_ATTEMPTS),
             }),
             unsaved: Mutex::new(None),
             dead_chain: Mutex::new(None),
@@ -521,6 +546,7 @@ impl Integration {
             let mut status = self.lock_status();
             status.refresh_count += 1;
             status.last_refresh_at = Some(now);
+            status.record_attempt(now, true);
         }
         // Persist the rotated refresh token before publishing the access token:
         // the provider may already have revoked the old one. If the write fails,
@@ -604,6 +630,7 @@ impl Integration {
     fn record_failure(&self, error: &RefreshError) {
         let mut status = self.lock_status();
         status.failure_count += 1;
+        status.record_attempt(OffsetDateTime::now_utc(), false);
         status.health = if error.is_permanent() {
             Health::Failed
         } else {
@@ -627,6 +654,7 @@ impl Integration {
             last_error: status.last_error.clone(),
             refresh_count: status.refresh_count,
             failure_count: status.failure_count,
+            recent: status.recent.iter().copied().collect(),
         }
     }
 
@@ -658,4 +686,44 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    mod record_attempt {
+        use super::*;
+
+        #[test]
+        fn keeps_the_last_attempts_oldest_first() {
+            let mut status = StatusInner {
+                health: Health::Ok,
+                last_refresh_at: None,
+                last_error: None,
+                refresh_count: 0,
+                failure_count: 0,
+                recent: VecDeque::new(),
+            };
+            let start = OffsetDateTime::UNIX_EPOCH;
+            let total = RECENT_ATTEMPTS + 5;
+            for i in 0..total {
+                status.record_attempt(start + Duration::from_secs(i as u64), i % 3 != 0);
+            }
+            assert_eq!(status.recent.len(), RECENT_ATTEMPTS);
+            let seconds: Vec<i64> = status
+                .recent
+                .iter()
+                .map(|a| (a.at - start).whole_seconds())
+                .collect();
+            let expected: Vec<i64> = (5..total as i64).collect();
+            assert_eq!(seconds, expected);
+            assert!(
+                status
+                    .recent
+                    .iter()
+                    .all(|a| a.ok == ((a.at - start).whole_seconds() % 3 != 0))
+            );
+        }
+    }
 }

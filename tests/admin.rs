@@ -87,6 +87,7 @@ async fn integrations_lists_each_status_without_secrets() {
             "last_error",
             "last_refresh_at",
             "name",
+            "recent",
             "refresh_count",
             "state"
         ]
@@ -95,6 +96,12 @@ async fn integrations_lists_each_status_without_secrets() {
     assert_eq!(entry["state"], "ok");
     assert_eq!(entry["last_error"], Value::Null);
     assert_eq!(entry["refresh_count"], 1);
+    assert_eq!(entry["recent"].as_array().map(Vec::len), Some(1), "{entry}");
+    assert_eq!(entry["recent"][0]["ok"], true, "{entry}");
+    assert_eq!(
+        entry["recent"][0]["at"], entry["last_refresh_at"],
+        "{entry}"
+    );
     let now = OffsetDateTime::now_utc();
     assert!(timestamp(&entry["expires_at"]) > now, "{entry}");
     assert!(timestamp(&entry["last_refresh_at"]) <= now, "{entry}");

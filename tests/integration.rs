@@ -49,3 +49,6 @@ mod proxy_websocket;
 // Issue 13: who may use which credential, and where unrouted traffic may go.
 mod proxy_client_routes;
 mod proxy_egress;
+
+// Issue 17: the status page and the Grafana dashboard.
+mod status_page;

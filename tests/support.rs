@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod authz;
+pub mod browser;
 pub mod ca;
 pub mod cli;
 pub mod client;

@@ -22,10 +22,16 @@ pub struct AdminAnswer {
     pub status: StatusCode,
     pub content_type: Option<String>,
     pub www_authenticate: Option<String>,
+    pub headers: http::HeaderMap,
     pub text: String,
 }
 
 impl AdminAnswer {
+    /// The first `name` header, if it is text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
     /// The body as JSON; panics with the body if it is not.
     pub fn json(&self) -> Value {
         serde_json::from_str(&self.text)
@@ -74,9 +80,9 @@ impl Admin {
             .send()
             .await
             .unwrap_or_else(|e| panic!("admin {method} {path}: {e}"));
+        let headers = response.headers().clone();
         let header = |name: &str| {
-            response
-                .headers()
+            headers
                 .get(name)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
@@ -95,6 +101,7 @@ impl Admin {
             status,
             content_type,
             www_authenticate,
+            headers,
             text,
         }
     }

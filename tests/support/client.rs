@@ -305,12 +305,22 @@ pub fn reqwest_via(proxy: SocketAddr, roots: Vec<CertificateDer<'static>>) -> re
 /// A reqwest client for loopback services (the admin listener): no proxy, and no
 /// trusted roots (reqwest wants a rustls config even for plain HTTP).
 pub fn reqwest_direct() -> reqwest::Client {
+    direct_builder().build().expect("building a reqwest client")
+}
+
+/// As [`reqwest_direct`], but a redirect is returned, not followed.
+pub fn reqwest_direct_no_redirects() -> reqwest::Client {
+    direct_builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("building a reqwest client")
+}
+
+fn direct_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .no_proxy()
         .tls_backend_preconfigured(super::ca::client_config_trusting(Vec::new()))
         .timeout(CLIENT_TIMEOUT)
-        .build()
-        .expect("building a reqwest client")
 }
 
 // === curl ===

@@ -50,6 +50,11 @@ pub enum Failure {
     /// 400 `invalid_request` whose `error_description` quotes the presented refresh token
     /// and client secret, as careless providers do: credproxy must not repeat them.
     EchoSecrets,
+    /// 400 with this `error` code and `error_description` (e.g. HTML, to check escaping).
+    Described {
+        error: &'static str,
+        description: String,
+    },
 }
 
 pub struct TokenServer {
@@ -503,6 +508,9 @@ impl State {
 
     fn injected(&mut self, failure: Failure, req: &RecordedRequest) -> Reply {
         match failure {
+            Failure::Described { error, description } => {
+                Reply::error(StatusCode::BAD_REQUEST, error, &description)
+            }
             Failure::Status500 => Reply::error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
