@@ -1,6 +1,11 @@
 //! The local certificate authority: an ECDSA P-256 CA created on first use, whose
 //! certificate clients trust so credproxy can terminate their TLS. The key is
 //! written with mode 0600; an existing pair is checked to belong together.
+//!
+//! Opt-in (`ca init --constrain`), the CA carries critical X.509 name
+//! constraints (RFC 5280 §4.2.1.10) permitting only the routed domains: a
+//! leaked key then cannot mint a certificate that clients trusting the CA
+//! accept for any other host.
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
@@ -9,14 +14,15 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, CidrSubnet, DistinguishedName, DnType, GeneralSubtree,
+    IsCa, Issuer, KeyPair, KeyUsagePurpose, NameConstraints, PKCS_ECDSA_P256_SHA256,
 };
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use time::OffsetDateTime;
 
-use crate::config::CaConfig;
+use crate::config::{CaConfig, Route};
+use crate::routes::HostPattern;
 
 pub mod mint;
 
@@ -46,6 +52,12 @@ pub enum CaError {
     HalfPresent { present: PathBuf, missing: PathBuf },
     #[error("cannot generate the CA")]
     Generate(#[source] rcgen::Error),
+    #[error(
+        "{} exists; --constrain applies to a new CA only: remove it and {} first (clients must then trust the new CA)",
+        cert.display(),
+        key.display()
+    )]
+    Exists { cert: PathBuf, key: PathBuf },
 }
 
 /// A loaded CA, able to sign leaf certificates.
@@ -54,6 +66,15 @@ pub struct Ca {
     pub cert_der: CertificateDer<'static>,
     pub cert_pem: String,
     pub issuer: Issuer<'static, KeyPair>,
+    /// None: the CA may vouch for any name.
+    pub constraints: Option<Constraints>,
+}
+
+/// The DNS subtrees a name-constrained CA permits: each is a name and all
+/// its subdomains.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Constraints {
+    permitted: Vec<String>,
 }
 
 impl std::fmt::Debug for Ca {
@@ -62,11 +83,22 @@ impl std::fmt::Debug for Ca {
     }
 }
 
-/// Loads the CA, creating it when neither file exists. Returns whether it was created.
+/// Loads the CA, creating it (unconstrained) when neither file exists.
+/// Returns whether it was created.
 pub fn load_or_create(config: &CaConfig) -> Result<(Ca, bool), CaError> {
+    init(config, None)
+}
+
+/// `ca init`: as [`load_or_create`], creating a CA limited to `constraints`
+/// when given — which only a new CA can be.
+pub fn init(config: &CaConfig, constraints: Option<Constraints>) -> Result<(Ca, bool), CaError> {
     match (config.cert.exists(), config.key.exists()) {
+        (true, true) if constraints.is_some() => Err(CaError::Exists {
+            cert: config.cert.clone(),
+            key: config.key.clone(),
+        }),
         (true, true) => Ok((load(config)?, false)),
-        (false, false) => Ok((create(config)?, true)),
+        (false, false) => Ok((create(config, constraints)?, true)),
         (true, false) => Err(CaError::HalfPresent {
             present: config.cert.clone(),
             missing: config.key.clone(),
@@ -98,9 +130,10 @@ pub fn ca_params(name: &str, validity: time::Duration) -> CertificateParams {
     params
 }
 
-fn create(config: &CaConfig) -> Result<Ca, CaError> {
+fn create(config: &CaConfig, constraints: Option<Constraints>) -> Result<Ca, CaError> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::Generate)?;
-    let params = ca_params(CA_NAME, time::Duration::days(3650));
+    let mut params = ca_params(CA_NAME, time::Duration::days(3650));
+    params.name_constraints = constraints.as_ref().map(Constraints::extension);
     let cert = params.self_signed(&key).map_err(CaError::Generate)?;
 
     // Key first, created exclusively with mode 0600: never readable by others,
@@ -112,6 +145,7 @@ fn create(config: &CaConfig) -> Result<Ca, CaError> {
         cert_der: cert.der().clone(),
         cert_pem: cert.pem(),
         issuer: Issuer::new(params, key),
+        constraints,
     })
 }
 
@@ -143,6 +177,10 @@ fn load(config: &CaConfig) -> Result<Ca, CaError> {
     if !parsed.is_ca() {
         return Err(invalid(&config.cert, "is not a CA certificate"));
     }
+    let constraints = match parsed.name_constraints() {
+        Ok(found) => found.map(|ext| Constraints::from_x509(ext.value)),
+        Err(_) => return Err(invalid(&config.cert, "has unreadable name constraints")),
+    };
     let issuer = Issuer::from_ca_cert_der(&cert_der, key)
         .map_err(|_| invalid(&config.cert, "cannot be used to sign certificates"))?;
     Ok(Ca {
@@ -150,7 +188,106 @@ fn load(config: &CaConfig) -> Result<Ca, CaError> {
         cert_der,
         cert_pem,
         issuer,
+        constraints,
     })
+}
+
+/// Logs a warning for each route the CA's name constraints leave out:
+/// clients would reject the certificates minted for it.
+pub fn warn_uncovered(ca: &Ca, routes: &[Route]) {
+    let Some(constraints) = &ca.constraints else {
+        return;
+    };
+    for route in routes.iter().filter(|r| !constraints.permits(&r.host)) {
+        tracing::warn!(
+            route = %route.host,
+            ca = %ca.cert_path.display(),
+            permitted = ?constraints.permitted,
+            "this route falls outside the CA's name constraints: clients will reject the certificates minted for it (create a new CA with `credproxy ca init --constrain`, or add it to [ca] permit first)"
+        );
+    }
+}
+
+// === impl Constraints ===
+
+impl Constraints {
+    /// The fewest subtrees that cover `patterns`: a host covers itself,
+    /// `*.example.com` is covered by `example.com`. None when there are none.
+    pub fn covering<'a>(patterns: impl IntoIterator<Item = &'a HostPattern>) -> Option<Self> {
+        let mut names: Vec<String> = patterns
+            .into_iter()
+            .map(|pattern| subtree_of(pattern).to_owned())
+            .collect();
+        names.sort();
+        names.dedup();
+        let permitted: Vec<String> = names
+            .iter()
+            .filter(|name| {
+                !names
+                    .iter()
+                    .any(|other| under(name, other) && *name != other)
+            })
+            .cloned()
+            .collect();
+        (!permitted.is_empty()).then_some(Self { permitted })
+    }
+
+    /// Whether every host `pattern` matches lies inside a permitted subtree.
+    pub fn permits(&self, pattern: &HostPattern) -> bool {
+        let base = subtree_of(pattern);
+        self.permitted.iter().any(|subtree| under(base, subtree))
+    }
+
+    pub fn permitted(&self) -> &[String] {
+        &self.permitted
+    }
+
+    /// The critical extension: the permitted DNS subtrees, and every IP
+    /// address excluded (routes are host names; an IP leaf is never minted).
+    fn extension(&self) -> NameConstraints {
+        NameConstraints {
+            permitted_subtrees: self
+                .permitted
+                .iter()
+                .map(|name| GeneralSubtree::DnsName(name.clone()))
+                .collect(),
+            excluded_subtrees: vec![
+                GeneralSubtree::IpAddress(CidrSubnet::V4([0; 4], [0; 4])),
+                GeneralSubtree::IpAddress(CidrSubnet::V6([0; 16], [0; 16])),
+            ],
+        }
+    }
+
+    fn from_x509(constraints: &x509_parser::extensions::NameConstraints<'_>) -> Self {
+        let permitted = constraints
+            .permitted_subtrees
+            .iter()
+            .flatten()
+            .filter_map(|subtree| match subtree.base {
+                x509_parser::extensions::GeneralName::DNSName(name) => {
+                    Some(name.trim_start_matches('.').to_ascii_lowercase())
+                }
+                _ => None,
+            })
+            .collect();
+        Self { permitted }
+    }
+}
+
+/// The smallest subtree holding every host `pattern` matches.
+fn subtree_of(pattern: &HostPattern) -> &str {
+    match pattern {
+        HostPattern::Exact(host) => host,
+        HostPattern::Wildcard(suffix) => suffix.trim_start_matches('.'),
+    }
+}
+
+/// Whether `name` is `subtree` or one of its subdomains.
+fn under(name: &str, subtree: &str) -> bool {
+    name == subtree
+        || name
+            .strip_suffix(subtree)
+            .is_some_and(|rest| rest.ends_with('.'))
 }
 
 /// Writes the system's trusted roots plus the local CA to `ca-bundle.pem` beside
@@ -218,6 +355,7 @@ mod tests {
 
     fn config(dir: &Path) -> CaConfig {
         CaConfig {
+            permit: Vec::new(),
             cert: dir.join("certs/ca.pem"),
             key: dir.join("certs/ca-key.pem"),
         }
@@ -260,5 +398,76 @@ mod tests {
             load_or_create(&config),
             Err(CaError::HalfPresent { .. })
         ));
+    }
+
+    mod constraints {
+        use super::*;
+
+        fn patterns(hosts: &[&str]) -> Vec<HostPattern> {
+            hosts
+                .iter()
+                .map(|h| HostPattern::parse(h).unwrap())
+                .collect()
+        }
+
+        #[test]
+        fn the_fewest_subtrees_cover_the_routes() {
+            let covering = Constraints::covering(&patterns(&[
+                "api.example.com",
+                "*.example.com",
+                "upload.files.test",
+                "files.test",
+                "Other.test",
+            ]))
+            .unwrap();
+            assert_eq!(
+                covering.permitted(),
+                ["example.com", "files.test", "other.test"]
+            );
+            assert_eq!(Constraints::covering(&patterns(&[])), None);
+        }
+
+        #[test]
+        fn a_route_is_permitted_only_inside_a_subtree() {
+            let constraints =
+                Constraints::covering(&patterns(&["api.test", "*.files.test"])).unwrap();
+            for inside in [
+                "api.test",
+                "eu.api.test",
+                "*.api.test",
+                "files.test",
+                "a.files.test",
+                "*.b.files.test",
+            ] {
+                assert!(constraints.permits(&patterns(&[inside])[0]), "{inside}");
+            }
+            for outside in ["other.test", "xapi.test", "test", "*.test", "api.test.evil"] {
+                assert!(!constraints.permits(&patterns(&[outside])[0]), "{outside}");
+            }
+        }
+
+        #[test]
+        fn a_constrained_ca_carries_critical_constraints_and_reloads_with_them() {
+            let dir = tempfile::tempdir().unwrap();
+            let config = config(dir.path());
+            let wanted = Constraints::covering(&patterns(&["api.test", "*.files.test"]));
+            let (created, was_created) = init(&config, wanted.clone()).unwrap();
+            assert!(was_created);
+            assert_eq!(created.constraints, wanted);
+            let (_, parsed) = x509_parser::parse_x509_certificate(&created.cert_der).unwrap();
+            let extension = parsed.name_constraints().unwrap().unwrap();
+            assert!(extension.critical);
+            let excluded = extension.value.excluded_subtrees.as_ref().unwrap();
+            assert_eq!(excluded.len(), 2, "every IPv4 and IPv6 address is excluded");
+
+            let (loaded, _) = load_or_create(&config).unwrap();
+            assert_eq!(loaded.constraints, wanted);
+            // An existing CA cannot gain constraints.
+            assert!(matches!(init(&config, wanted), Err(CaError::Exists { .. })));
+            // The default CA has none.
+            let other = tempfile::tempdir().unwrap();
+            let (plain, _) = load_or_create(&super::config(other.path())).unwrap();
+            assert_eq!(plain.constraints, None);
+        }
     }
 }

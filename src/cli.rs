@@ -91,7 +91,13 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
     /// Create the local CA (certificate + key) if missing; print the certificate's path.
-    Init,
+    Init {
+        /// Create a name-constrained CA: critical X.509 name constraints permit only
+        /// the routed domains (and [ca] permit), so a leaked CA key cannot impersonate
+        /// any other host to clients that trust it. Routes added later need a new CA.
+        #[arg(long)]
+        constrain: bool,
+    },
     /// Write ca-bundle.pem beside the CA certificate: the system's trusted roots plus
     /// the local CA, for SSL_CERT_FILE, REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE.
     Bundle,

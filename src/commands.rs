@@ -87,10 +87,23 @@ pub async fn token(config: &Config, name: &str) -> Result<Secret, Error> {
     Ok(snapshot.access_token.clone())
 }
 
-/// Creates the CA if missing. Returns the certificate's path and whether it was created.
-pub fn ca_init(config: &Config) -> Result<(PathBuf, bool), Error> {
-    let (ca, created) = ca::load_or_create(&config.ca)?;
-    Ok((ca.cert_path, created))
+/// Creates the CA if missing; with `constrain`, one limited to the routed
+/// domains and `[ca] permit`. Returns the CA and whether it was created.
+pub fn ca_init(config: &Config, constrain: bool) -> Result<(ca::Ca, bool), Error> {
+    let constraints = match constrain {
+        false => None,
+        true => {
+            let routed = config.routes.iter().map(|r| &r.host);
+            let covering = ca::Constraints::covering(routed.chain(&config.ca.permit));
+            Some(covering.ok_or_else(|| {
+                Error::Usage(format!(
+                    "{}: no [[routes]] and no [ca] permit: nothing to constrain the CA to",
+                    config.source.display()
+                ))
+            })?)
+        }
+    };
+    Ok(ca::init(&config.ca, constraints)?)
 }
 
 /// Writes the CA bundle (creating the CA if missing). Returns the bundle's path.

@@ -191,7 +191,7 @@ impl Validator<'_> {
             source: self.path.to_owned(),
             proxy: self.proxy(raw.proxy, &routes)?,
             admin: self.admin(raw.admin)?,
-            ca: self.ca(raw.ca),
+            ca: self.ca(raw.ca)?,
             state: self.state(raw.state),
             upstream: self.upstream(raw.upstream)?,
             sidecars: self.sidecars(raw.sidecars, &routes)?,

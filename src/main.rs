@@ -76,16 +76,22 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             manual,
             timeout,
         } => authorize(&load()?, &name, !no_browser, manual, timeout).await,
-        Command::Ca(CaCommand::Init) => {
-            let (path, created) = commands::ca_init(&load()?)?;
+        Command::Ca(CaCommand::Init { constrain }) => {
+            let (ca, created) = commands::ca_init(&load()?, constrain)?;
             if created {
                 eprintln!(
                     "created {} (\"{}\")",
-                    path.display(),
+                    ca.cert_path.display(),
                     credproxy::ca::CA_NAME
                 );
+                if let Some(constraints) = &ca.constraints {
+                    eprintln!(
+                        "it may vouch only for: {}",
+                        constraints.permitted().join(", ")
+                    );
+                }
             }
-            println!("{}", path.display());
+            println!("{}", ca.cert_path.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Ca(CaCommand::Bundle) => {

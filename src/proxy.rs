@@ -44,7 +44,7 @@ pub use observe::Observed;
 use upstream::Upstream;
 
 use crate::body::ProxyBody;
-use crate::ca::mint::LeafCache;
+use crate::ca::{self, mint::LeafCache};
 use crate::config::{Config, Limits, Route, Unrouted, UpstreamConfig};
 use crate::egress::Policy;
 use crate::metrics::{Metrics, RouteMetrics};
@@ -169,6 +169,7 @@ impl Proxy {
         resolver: Arc<dyn Resolve>,
     ) -> Result<Self, TlsError> {
         let routing = Routing::new(config, tokens, &metrics, &resolver, None)?;
+        ca::warn_uncovered(leaves.ca(), &config.routes);
         Ok(Self {
             routing: ArcSwap::from_pointee(routing),
             leaves,
@@ -191,6 +192,7 @@ impl Proxy {
             Some(&previous),
         )?;
         self.routing.store(Arc::new(routing));
+        ca::warn_uncovered(self.leaves.ca(), &config.routes);
         Ok(())
     }
 

@@ -50,5 +50,8 @@ mod proxy_websocket;
 mod proxy_client_routes;
 mod proxy_egress;
 
+// Issue 13: a name-constrained local CA.
+mod ca_constrained;
+
 // Issue 17: the status page and the Grafana dashboard.
 mod status_page;

@@ -170,6 +170,7 @@ mod tests {
         let (ca, _) = super::super::load_or_create(&CaConfig {
             cert: dir.path().join("ca.pem"),
             key: dir.path().join("ca-key.pem"),
+            permit: Vec::new(),
         })
         .unwrap();
         let ca_der = ca.cert_der.clone();

@@ -54,6 +54,24 @@ impl TestCa {
         }
     }
 
+    /// The CA in `cert` and `key` (PEM), e.g. the one `credproxy ca init` wrote: the
+    /// test can then mint leaves from it as anyone holding the key could.
+    pub fn load(cert: &Path, key: &Path) -> Self {
+        let read = |path: &Path| {
+            std::fs::read_to_string(path)
+                .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+        };
+        let cert_pem = read(cert);
+        let key = KeyPair::from_pem(&read(key)).expect("a PEM private key");
+        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).expect("a PEM cert");
+        let issuer = Issuer::from_ca_cert_der(&cert_der, key).expect("a CA certificate");
+        Self {
+            issuer,
+            cert_der,
+            cert_pem,
+        }
+    }
+
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
     }
