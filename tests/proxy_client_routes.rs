@@ -224,3 +224,20 @@ async fn a_reload_changes_permissions_for_new_requests_only() {
     echo_inside(&setup, &mut open, API_HOST).await;
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_satisfy_the_non_loopback_listen_rule() {
+    let setup = Setup::start().await;
+    let proxy = setup
+        .start_proxy(&options(r#"["api.test"]"#).listen("0.0.0.0:0"))
+        .await;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], proxy.proxy_addr.port()));
+    let anonymous = client::proxy_get(addr, "http://api.test/echo", &[]).await;
+    anonymous.assert_credproxy_error(
+        StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+        "proxy_auth_required",
+    );
+    let answer = plain(addr, API_HOST, EXPORT).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    proxy.stop().await;
+}

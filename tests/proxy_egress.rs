@@ -166,6 +166,7 @@ async fn every_resolved_address_is_checked_and_the_checked_one_is_used() {
     let api_http = setup.api.http_addr();
     let loopback = api_http.ip().to_string();
     let resolver = TableResolver::new(&[
+        ("mixed.test", &["93.184.215.14", "10.0.0.5"]),
         ("rebind.test", &[&loopback, "10.0.0.5"]),
         ("good.test", &[&loopback]),
     ]);
@@ -175,6 +176,9 @@ async fn every_resolved_address_is_checked_and_the_checked_one_is_used() {
         .start_proxy_resolving(&options, resolver.clone())
         .await;
 
+    // One public and one private answer: refused, whichever would be tried first.
+    refused_both_ways(&proxy, "mixed.test:443", "blocked_address").await;
+    assert_eq!(resolver.asked("mixed.test"), 2);
     let rebind = format!("rebind.test:{}", api_http.port());
     refused_both_ways(&proxy, &rebind, "blocked_address").await;
     let answer = client::connect(proxy.proxy_addr, &rebind, &[])
