@@ -106,7 +106,7 @@ impl fmt::Display for AddressClass {
 /// An IPv6 address that carries an IPv4 one is judged as that IPv4 address:
 /// IPv4-mapped (::ffff:a.b.c.d, which the kernel connects over IPv4), the
 /// deprecated IPv4-compatible form (::a.b.c.d), and NAT64 (64:ff9b::a.b.c.d).
-pub fn canonical(ip: IpAddr) -> IpAddr {
+fn canonical(ip: IpAddr) -> IpAddr {
     let IpAddr::V6(v6) = ip else {
         return ip;
     };
