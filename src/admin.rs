@@ -110,6 +110,16 @@ impl Admin {
             );
             return response;
         }
+        // Without a token the listener is loopback-only, and a name other than a
+        // loopback one is DNS rebinding: a web page's own host name pointed at
+        // 127.0.0.1 so that the browser treats the admin API as that page's.
+        if !probe && self.token.is_none() && !loopback_host(&request) {
+            return error(
+                StatusCode::FORBIDDEN,
+                "host_not_allowed",
+                "without admin.token, the admin listener answers only to a loopback Host (127.0.0.1, [::1], localhost)",
+            );
+        }
         if request.method() == Method::POST && cross_site(&request) {
             return error(
                 StatusCode::FORBIDDEN,
@@ -303,6 +313,29 @@ fn cross_site(request: &Request<Incoming>) -> bool {
             origin_host.is_none() || origin_host != host
         }
     }
+}
+
+/// The request's `Host` names this machine's loopback (any port), or is absent
+/// (HTTP/1.0: not a browser).
+fn loopback_host(request: &Request<Incoming>) -> bool {
+    let Some(host) = request.headers().get(header::HOST) else {
+        return true;
+    };
+    let Ok(authority) = host
+        .to_str()
+        .unwrap_or_default()
+        .parse::<http::uri::Authority>()
+    else {
+        return false;
+    };
+    let name = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A browser's form post asks for a page; fetch() and curl ask for anything.

@@ -359,6 +359,51 @@ async fn a_cross_site_post_is_refused_before_any_refresh() {
     running.stop().await;
 }
 
+/// Without `admin.token`, a page whose host name was re-pointed at 127.0.0.1 (DNS
+/// rebinding) would be same-origin with the admin listener: only loopback names are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_only_a_loopback_host_is_served() {
+    let setup = Setup::start().await;
+    let proxy = setup.start_proxy(&ProxyOptions::default()).await;
+    let calls = setup.tokens.calls();
+    let admin = proxy.admin_addr;
+    let exchange =
+        |request: String| async move { client::raw_exchange(admin, request.as_bytes()).await };
+    for host in ["evil.test:9090", "127.0.0.1.evil.test", "10.0.0.1"] {
+        for request in [
+            format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+            format!(
+                "POST /integrations/{INTEGRATION}/refresh HTTP/1.1\r\nHost: {host}\r\n\
+                 Origin: http://{host}\r\nSec-Fetch-Site: same-origin\r\n\
+                 Content-Length: 0\r\nConnection: close\r\n\r\n"
+            ),
+        ] {
+            let answer = exchange(request).await;
+            assert!(answer.starts_with("HTTP/1.1 403"), "Host {host}: {answer}");
+            assert!(answer.contains("host_not_allowed"), "Host {host}: {answer}");
+        }
+    }
+    assert_eq!(setup.tokens.calls(), calls, "nothing refreshed");
+    for host in [
+        "127.0.0.1:9090",
+        "localhost:9090",
+        "[::1]:9090",
+        "LOCALHOST",
+    ] {
+        let answer = exchange(format!(
+            "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        ))
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "Host {host}: {answer}");
+    }
+    // Probes answer whatever the name (a kubelet uses the pod's address).
+    let answer =
+        exchange("GET /healthz HTTP/1.1\r\nHost: 10.0.0.1\r\nConnection: close\r\n\r\n".into())
+            .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    proxy.stop().await;
+}
+
 /// A browser cannot send a bearer token; it can send Basic, after asking the person.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_may_send_the_admin_token_as_a_basic_password() {
