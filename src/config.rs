@@ -216,6 +216,14 @@ impl Validator<'_> {
         }
     }
 
+    /// A count of at least 1 at `key`, or `default`.
+    fn count(&self, key: &str, value: Option<usize>, default: usize) -> Result<usize, ConfigError> {
+        match value {
+            Some(0) => Err(self.err(key, "must be at least 1")),
+            value => Ok(value.unwrap_or(default)),
+        }
+    }
+
     fn socket_addr(
         &self,
         key: &str,

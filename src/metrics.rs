@@ -40,6 +40,12 @@ struct RouteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetryLabels {
+    route: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: &'static str,
 }
@@ -54,6 +60,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     upstream_latency: Family<RouteLabels, Histogram>,
     retries: Family<RouteLabels, Counter>,
+    connection_retries: Family<RetryLabels, Counter>,
     pub client_connections: Gauge,
     pub refused_connections: Counter,
     tunnels: Family<KindLabels, Gauge>,
@@ -65,6 +72,40 @@ pub struct Metrics {
 pub struct RouteMetrics {
     pub upstream_latency: Histogram,
     pub retries: Counter,
+    /// Indexed by `RetryReason`.
+    connection_retries: [Counter; RetryReason::ALL.len()],
+}
+
+/// Why a request was sent upstream a second time after a connection failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryReason {
+    /// The upstream refused the h2 stream (REFUSED_STREAM).
+    RefusedStream,
+    /// The stream was above the last stream id of the upstream's GOAWAY.
+    GoAway,
+    /// The pooled connection had closed before any byte of the request was written.
+    ClosedBeforeWrite,
+    /// An idempotent request's reused connection closed before any response byte.
+    ClosedBeforeResponse,
+}
+
+impl RetryReason {
+    pub const ALL: [Self; 4] = [
+        Self::RefusedStream,
+        Self::GoAway,
+        Self::ClosedBeforeWrite,
+        Self::ClosedBeforeResponse,
+    ];
+
+    /// The metric label and log value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RefusedStream => "refused_stream",
+            Self::GoAway => "goaway",
+            Self::ClosedBeforeWrite => "closed_before_write",
+            Self::ClosedBeforeResponse => "closed_before_response",
+        }
+    }
 }
 
 /// One route's request counters for one client, indexed by status class:
@@ -110,6 +151,12 @@ impl Metrics {
             "Requests resent after a 401 and a forced refresh",
             retries.clone(),
         );
+        let connection_retries = Family::<RetryLabels, Counter>::default();
+        registry.register(
+            "upstream_retries",
+            "Requests resent on a fresh upstream connection, by route and reason",
+            connection_retries.clone(),
+        );
         let client_connections = Gauge::default();
         registry.register(
             "client_connections",
@@ -151,6 +198,7 @@ impl Metrics {
             requests,
             upstream_latency,
             retries,
+            connection_retries,
             client_connections,
             refused_connections,
             tunnels,
@@ -164,9 +212,17 @@ impl Metrics {
         };
         let upstream_latency = self.upstream_latency.get_or_create(&labels).clone();
         let retries = self.retries.get_or_create(&labels).clone();
+        let connection_retries = RetryReason::ALL.map(|reason| {
+            let labels = RetryLabels {
+                route: route.to_owned(),
+                reason: reason.as_str(),
+            };
+            self.connection_retries.get_or_create(&labels).clone()
+        });
         RouteMetrics {
             upstream_latency,
             retries,
+            connection_retries,
         }
     }
 
@@ -205,6 +261,12 @@ impl RequestCounters {
     pub fn record(&self, status: http::StatusCode) {
         let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
         self.0[class].inc();
+    }
+}
+
+impl RouteMetrics {
+    pub fn retried(&self, reason: RetryReason) {
+        self.connection_retries[reason as usize].inc();
     }
 }
 

@@ -47,7 +47,7 @@ use crate::body::ProxyBody;
 use crate::ca::{self, mint::LeafCache};
 use crate::config::{Config, Limits, Route, Unrouted, UpstreamConfig};
 use crate::egress::Policy;
-use crate::metrics::{Metrics, RouteMetrics};
+use crate::metrics::{self, Metrics, RouteMetrics};
 use crate::routes::{self, RouteTable};
 use crate::server::{self, Shutdown, Slot};
 use crate::tls::TlsError;
@@ -67,6 +67,8 @@ pub struct Routing {
     table: RouteTable,
     routes: Vec<ActiveRoute>,
     unrouted: Unrouted,
+    /// Upstream retries of requests without a route.
+    unrouted_metrics: RouteMetrics,
     /// The route shown in logs for requests without one.
     unrouted_name: Arc<str>,
     clients: Clients,
@@ -140,6 +142,7 @@ impl Routing {
             table: RouteTable::new(config.routes.iter().map(|r| &r.host)),
             routes,
             unrouted: config.proxy.unrouted,
+            unrouted_metrics: metrics.route(metrics::UNROUTED),
             unrouted_name: Arc::from("-"),
             clients: Clients::new(&config.proxy.clients, &config.routes, metrics),
             upstream,
@@ -325,7 +328,7 @@ impl Proxy {
                 "{} has no route and proxy.unrouted is \"deny\"",
                 routes::normalize(host)
             ))),
-            None => forward::unrouted(&routing.egress, request).await,
+            None => forward::unrouted(&routing.egress, &routing.unrouted_metrics, request).await,
         }
     }
 

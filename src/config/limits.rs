@@ -42,11 +42,7 @@ pub(super) struct RawLimits {
 
 impl Validator<'_> {
     pub(super) fn limits(&self, raw: RawLimits) -> Result<Limits, ConfigError> {
-        let positive = |key: &str, value: Option<usize>, default: usize| match value {
-            Some(0) => Err(self.err(key, "must be at least 1")),
-            value => Ok(value.unwrap_or(default)),
-        };
-        let max_header_bytes = positive(
+        let max_header_bytes = self.count(
             "limits.max_header_bytes",
             raw.max_header_bytes,
             DEFAULT_MAX_HEADER_BYTES,
@@ -55,13 +51,13 @@ impl Validator<'_> {
             return Err(self.err("limits.max_header_bytes", "must be at least 8192"));
         }
         Ok(Limits {
-            max_connections: positive(
+            max_connections: self.count(
                 "limits.max_connections",
                 raw.max_connections,
                 DEFAULT_MAX_CONNECTIONS,
             )?,
             max_header_bytes,
-            max_headers: positive("limits.max_headers", raw.max_headers, DEFAULT_MAX_HEADERS)?,
+            max_headers: self.count("limits.max_headers", raw.max_headers, DEFAULT_MAX_HEADERS)?,
             header_read_timeout: self.duration(
                 "limits.header_read_timeout",
                 raw.header_read_timeout,

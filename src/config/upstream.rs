@@ -16,6 +16,11 @@ use crate::routes;
 
 pub(super) const DEFAULT_CONNECT_TIMEOUT: &str = "10s";
 pub(super) const DEFAULT_RESPONSE_TIMEOUT: &str = "60s";
+/// Below the keep-alive timeouts of common servers and load balancers (nginx
+/// 75 s, AWS ALB 60 s), so the pool closes an idle connection before the
+/// upstream does and a request rarely races the upstream's close.
+pub(super) const DEFAULT_IDLE_TIMEOUT: &str = "30s";
+pub(super) const DEFAULT_MAX_CONNECTIONS_PER_HOST: usize = 256;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
@@ -25,6 +30,10 @@ pub struct UpstreamConfig {
     pub response_timeout: Duration,
     /// `host:port` (host lower-cased) → address, like curl's `--resolve`.
     pub resolve: HashMap<String, SocketAddr>,
+    /// A pooled connection unused this long is closed.
+    pub idle_timeout: Duration,
+    /// Open connections to one upstream (scheme, host, port) at most.
+    pub max_connections_per_host: usize,
 }
 
 impl UpstreamConfig {
@@ -61,6 +70,8 @@ pub(super) struct RawUpstream {
     pub(super) resolve: BTreeMap<String, String>,
     pub(super) connect_timeout: Option<String>,
     pub(super) response_timeout: Option<String>,
+    pub(super) idle_timeout: Option<String>,
+    pub(super) max_connections_per_host: Option<usize>,
 }
 
 // === validation ===
@@ -99,6 +110,16 @@ impl Validator<'_> {
                 "upstream.response_timeout",
                 raw.response_timeout,
                 DEFAULT_RESPONSE_TIMEOUT,
+            )?,
+            idle_timeout: self.duration(
+                "upstream.idle_timeout",
+                raw.idle_timeout,
+                DEFAULT_IDLE_TIMEOUT,
+            )?,
+            max_connections_per_host: self.count(
+                "upstream.max_connections_per_host",
+                raw.max_connections_per_host,
+                DEFAULT_MAX_CONNECTIONS_PER_HOST,
             )?,
         })
     }

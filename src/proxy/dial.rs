@@ -175,6 +175,8 @@ mod tests {
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(2),
             resolve: HashMap::from([("pinned.test:443".to_owned(), pin)]),
+            idle_timeout: Duration::from_secs(2),
+            max_connections_per_host: 1,
         };
         Dialer::new(&config, table, policy.map(Arc::new))
     }

@@ -6,7 +6,8 @@ use http::{HeaderValue, Response, StatusCode, header};
 use crate::body::{self, ProxyBody};
 use crate::egress::Refusal;
 
-#[derive(Debug, thiserror::Error)]
+/// Clone: requests that waited on one failed dial all get its error.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ProxyError {
     #[error("proxy authentication required")]
     AuthRequired,
@@ -73,7 +74,15 @@ impl ProxyError {
         }
     }
 
+    /// The response for this error. A 502 or 504 is also logged, once, with
+    /// its cause (the upstream's host:port and the error chain; never a
+    /// path, query or header value), since the request's own line has only
+    /// the status.
     pub fn into_response(self) -> Response<ProxyBody> {
+        if let Self::Unreachable(cause) | Self::Timeout(cause) = &self {
+            let status = self.status().as_u16();
+            tracing::warn!(status, error = self.code(), cause = %cause, "upstream request failed");
+        }
         let body = serde_json::json!({ "error": self.code(), "message": self.to_string() });
         let mut response = Response::new(body::full(body.to_string()));
         *response.status_mut() = self.status();

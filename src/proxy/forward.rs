@@ -4,17 +4,18 @@
 use std::sync::Arc;
 
 use http::uri::{PathAndQuery, Scheme};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::ActiveRoute;
 use super::error::ProxyError;
 use super::inject::{self, Injector};
-use super::retry::{self, RequestBody};
+use super::retry::{self, Outgoing, RequestBody};
 use super::upstream::Upstream;
-use crate::body::{self, ProxyBody};
+use crate::body::ProxyBody;
 use crate::config::Route;
+use crate::metrics::RouteMetrics;
 use crate::tokens::Snapshot;
 
 /// Where a routed request goes.
@@ -94,38 +95,24 @@ pub async fn routed(
     // Host naming another host must never travel next to the credentials.
     parts.headers.remove(http::header::HOST);
     let uri = target.uri(parts.uri.path_and_query())?;
-    let mut body = RequestBody::read(body, injector.integration.is_some()).await?;
+    let body = RequestBody::read(body).await?;
+    let mut outgoing = Outgoing::new(parts.method, uri, parts.headers, body);
 
     let rendered = injector.headers(snapshot.as_deref());
-    let retry = match (&injector.integration, &snapshot) {
-        (Some(integration), Some(snapshot)) if body.is_replayable() => {
-            Some((integration, snapshot, parts.headers.clone()))
-        }
-        _ => None,
-    };
-    let first = build(
-        &parts.method,
-        &uri,
-        parts.headers,
-        &rendered.headers,
-        body.take(),
-    );
-    let response = timed(route, upstream.send(first)).await?;
-    let Some((integration, snapshot, headers)) =
-        retry.filter(|_| response.status() == StatusCode::UNAUTHORIZED)
-    else {
-        return Ok(relay(response));
-    };
-    match retry::refreshed(route, integration, snapshot).await {
-        Some(fresh) => {
-            drop(response);
-            let rendered = injector.headers(Some(&fresh));
-            let again = build(&parts.method, &uri, headers, &rendered.headers, body.take());
-            Ok(relay(timed(route, upstream.send(again)).await?))
-        }
-        // Rate-limited, or the refresh failed: the client sees the API's 401.
-        None => Ok(relay(response)),
+    let send = upstream.send(&mut outgoing, &rendered.headers, &route.metrics);
+    let response = timed(route, send).await?;
+    if response.status() == StatusCode::UNAUTHORIZED
+        && outgoing.body.is_replayable()
+        && let (Some(integration), Some(snapshot)) = (&injector.integration, &snapshot)
+        && let Some(fresh) = retry::refreshed(route, integration, snapshot).await
+    {
+        drop(response);
+        let rendered = injector.headers(Some(&fresh));
+        let again = upstream.send(&mut outgoing, &rendered.headers, &route.metrics);
+        return Ok(relay(timed(route, again).await?));
     }
+    // Rate-limited, or the refresh failed: the client sees the API's 401.
+    Ok(relay(response))
 }
 
 /// The route's current token (None for a route without an integration), or
@@ -144,19 +131,15 @@ pub async fn current_token(injector: &Injector) -> Result<Option<Arc<Snapshot>>,
 /// An unrouted absolute-form request: forwarded as is, minus hop-by-hop headers.
 pub async fn unrouted(
     upstream: &Upstream,
+    metrics: &RouteMetrics,
     request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (mut parts, body) = request.into_parts();
     inject::strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(http::header::HOST);
-    let forwarded = build(
-        &parts.method,
-        &parts.uri,
-        parts.headers,
-        &[],
-        body::stream(body),
-    );
-    Ok(relay(upstream.send(forwarded).await?))
+    let body = RequestBody::read(body).await?;
+    let mut outgoing = Outgoing::new(parts.method, parts.uri, parts.headers, body);
+    Ok(relay(upstream.send(&mut outgoing, &[], metrics).await?))
 }
 
 /// Records the time to the response head in the route's latency histogram.
@@ -170,27 +153,10 @@ pub async fn timed<T>(route: &ActiveRoute, send: impl Future<Output = T>) -> T {
     result
 }
 
-fn build(
-    method: &Method,
-    uri: &Uri,
-    mut headers: HeaderMap,
-    injected: &[(http::HeaderName, http::HeaderValue)],
-    body: ProxyBody,
-) -> Request<ProxyBody> {
-    inject::apply(&mut headers, injected);
-    let mut request = Request::new(body);
-    *request.method_mut() = method.clone();
-    *request.uri_mut() = uri.clone();
-    // The pool picks HTTP/1.1 or h2 per upstream, whatever the client spoke.
-    *request.version_mut() = Version::HTTP_11;
-    *request.headers_mut() = headers;
-    request
-}
-
-pub fn relay(response: Response<Incoming>) -> Response<ProxyBody> {
+pub fn relay(response: Response<ProxyBody>) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     inject::strip_hop_by_hop(&mut parts.headers);
     // Let hyper frame the body for the client's protocol.
     parts.headers.remove(http::header::TRANSFER_ENCODING);
-    Response::from_parts(parts, body::stream(body))
+    Response::from_parts(parts, body)
 }

@@ -1,20 +1,33 @@
-//! The 401 path: keep small request bodies so the request can be resent once
-//! with a freshly refreshed token.
+//! What a resend needs: the request's method, URL and headers, and its body
+//! kept when small. A request goes again once after a 401 with a freshly
+//! refreshed token, and once after a connection failure the upstream never
+//! processed (`upstream.rs`).
 
 use std::sync::Arc;
 
 use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use super::ActiveRoute;
 use super::error::ProxyError;
+use super::{ActiveRoute, inject};
 use crate::body::{self, ProxyBody};
 use crate::tokens::{Integration, Reason, Snapshot};
 
-/// Bodies up to this size are kept for a resend after a 401.
+/// Bodies up to this size are kept for a resend.
 pub const MAX_REPLAY: u64 = 1024 * 1024;
+
+/// A request on its way upstream, before the route's headers are applied.
+pub struct Outgoing {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: HeaderMap,
+    pub body: RequestBody,
+    /// The one resend for a connection failure is spent.
+    pub resent_for_connection: bool,
+}
 
 /// A request body as the proxy holds it: kept (replayable) or streaming (once).
 pub enum RequestBody {
@@ -22,12 +35,38 @@ pub enum RequestBody {
     Streaming(Option<Incoming>),
 }
 
+impl Outgoing {
+    pub fn new(method: Method, uri: Uri, headers: HeaderMap, body: RequestBody) -> Self {
+        Self {
+            method,
+            uri,
+            headers,
+            body,
+            resent_for_connection: false,
+        }
+    }
+
+    /// The next attempt, with `injected` replacing the client's headers of
+    /// the same names.
+    pub fn build(&mut self, injected: &[(HeaderName, HeaderValue)]) -> Request<ProxyBody> {
+        let mut headers = self.headers.clone();
+        inject::apply(&mut headers, injected);
+        let mut request = Request::new(self.body.take());
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        // The pool picks HTTP/1.1 or h2 per upstream, whatever the client spoke.
+        *request.version_mut() = Version::HTTP_11;
+        *request.headers_mut() = headers;
+        request
+    }
+}
+
 impl RequestBody {
-    /// Keeps the body when `keep` and its exact length is known and at most
+    /// Keeps the body when its exact length is known and at most
     /// `MAX_REPLAY`; a larger or unknown-length body streams and is never resent.
-    pub async fn read(body: Incoming, keep: bool) -> Result<Self, ProxyError> {
+    pub async fn read(body: Incoming) -> Result<Self, ProxyError> {
         let size = body.size_hint().exact();
-        if !keep || size.is_none_or(|n| n > MAX_REPLAY) {
+        if size.is_none_or(|n| n > MAX_REPLAY) {
             return Ok(Self::Streaming(Some(body)));
         }
         let collected = Limited::new(body, MAX_REPLAY as usize)
@@ -42,7 +81,7 @@ impl RequestBody {
     }
 
     /// The body for the next attempt; a streaming body can be taken once.
-    pub fn take(&mut self) -> ProxyBody {
+    fn take(&mut self) -> ProxyBody {
         match self {
             Self::Kept(bytes) => body::full(bytes.clone()),
             Self::Streaming(body) => body.take().map_or_else(body::empty, body::stream),

@@ -183,7 +183,7 @@ pub async fn routed(
                 response.status()
             )));
         }
-        return Ok(forward::relay(response));
+        return Ok(forward::relay(response.map(body::stream)));
     }
     let upstream = hyper::upgrade::on(&mut response);
     let (line, logged) = oneshot::channel();

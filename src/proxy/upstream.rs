@@ -1,191 +1,226 @@
-//! Connections to the real APIs: pooled HTTP/1.1 keep-alive and HTTP/2 (by
-//! ALPN), TLS verified against the system roots + `upstream.extra_ca`, TCP
-//! connections opened by a [`Dialer`] (`upstream.resolve`, the egress policy).
+//! Requests to the real APIs: the connection pool, the response timeout, and
+//! one resend on a fresh connection when a pooled connection failed in a way
+//! the upstream provably did not process (see `upstream/failure.rs`).
+//! TCP connections come from a [`Dialer`] (`upstream.resolve`, the egress
+//! policy), tunnels' included.
 
-use std::future::Future;
-use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-use std::time::Duration;
+mod connection;
+mod failure;
+mod pool;
 
-use http::{Request, Response, Uri};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::fmt;
+use std::sync::Arc;
+
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri, Version};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
+use self::connection::{ConnectError, Connector};
+use self::pool::{Leased, Pool};
 use super::dial::{self, Dialer};
 use super::error::ProxyError;
-
-use crate::body::ProxyBody;
+use super::retry::Outgoing;
+use crate::body::{self, ProxyBody};
 use crate::config::UpstreamConfig;
-use crate::tls::{self, TlsError};
-
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+use crate::metrics::RouteMetrics;
+use crate::tls::TlsError;
 
 pub struct Upstream {
-    client: Client<HttpsConnector<Connector>, ProxyBody>,
-    connector: Connector,
-    response_timeout: Duration,
+    pool: Pool,
+    response_timeout: std::time::Duration,
+}
+
+/// Where a pooled connection goes: scheme, host and port.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Key {
+    https: bool,
+    host: Arc<str>,
+    port: u16,
 }
 
 impl Upstream {
     pub fn new(config: &UpstreamConfig, dialer: Dialer) -> Result<Self, TlsError> {
-        let connector = Connector { dialer };
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls::client_config(config, &[])?)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(connector.clone());
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .build(https);
         Ok(Self {
-            client,
-            connector,
+            pool: Pool::new(
+                Connector::new(config, dialer)?,
+                config.idle_timeout,
+                config.max_connections_per_host,
+                config.response_timeout,
+            ),
             response_timeout: config.response_timeout,
         })
     }
 
-    /// Sends `request` (absolute URI) and waits for the response head. The
-    /// response timeout starts once the request body is sent, so a slow upload
-    /// is not cut short. The response body then streams.
+    /// Sends `outgoing` with the `injected` headers and waits for the response
+    /// head; the body then streams. A failure the upstream provably did not
+    /// process is retried once per `outgoing`, on a fresh connection, and
+    /// counted in `metrics`.
     pub async fn send(
         &self,
-        request: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let authority = request
-            .uri()
-            .authority()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        let (sent, body_done) = oneshot::channel::<()>();
-        let request = request.map(|body| {
-            SignalOnDrop {
-                inner: body,
-                _sent: sent,
+        outgoing: &mut Outgoing,
+        injected: &[(header::HeaderName, HeaderValue)],
+        metrics: &RouteMetrics,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let key = Key::of(&outgoing.uri)?;
+        let mut request = outgoing.build(injected);
+        let mut fresh = false;
+        loop {
+            let lease = self.pool.checkout(&key, fresh).await?;
+            let reused = lease.reused;
+            let (error, unsent) = match self.exchange(&key, lease.conn, request).await {
+                Ok(response) => return Ok(response),
+                Err(Failed::Final(error)) => return Err(error),
+                Err(Failed::Connection { error, unsent }) => (error, unsent),
+            };
+            let reason = failure::retry_reason(&error, unsent.is_some(), &outgoing.method, reused)
+                .filter(|_| !outgoing.resent_for_connection);
+            request = match (reason, unsent) {
+                (Some(_), Some(unsent)) => *unsent,
+                (Some(_), None) if outgoing.body.is_replayable() => outgoing.build(injected),
+                _ => return Err(connection_error(&key, &error)),
+            };
+            if let Some(reason) = reason {
+                outgoing.resent_for_connection = true;
+                metrics.retried(reason);
+                tracing::debug!(upstream = %key, reason = reason.as_str(), error = %crate::report::chain(&error), "resending on a fresh connection");
             }
-            .boxed()
-        });
-        let response = self.client.request(request);
+            fresh = true;
+        }
+    }
+
+    /// One try on `conn`. The response timeout starts once the request body
+    /// is sent, so a slow upload is not cut short.
+    async fn exchange(
+        &self,
+        key: &Key,
+        conn: Leased,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, Failed> {
+        let (sent, body_done) = oneshot::channel::<()>();
+        // The body tells when hyper is done with it by dropping `sent`.
+        let request = request.map(|b| body::holding(b, sent));
         let deadline = async {
             // Resolves when hyper drops the body: fully sent, or abandoned.
             let _ = body_done.await;
             tokio::time::sleep(self.response_timeout).await;
         };
-        tokio::select! {
-            result = response => result.map_err(|error| classify(&authority, &error)),
-            () = deadline => Err(ProxyError::Timeout(format!(
-                "{authority} did not answer within {:?}",
+        let timeout = || {
+            Failed::Final(ProxyError::Timeout(format!(
+                "{key} did not answer within {:?}",
                 self.response_timeout
-            ))),
+            )))
+        };
+        match conn {
+            Leased::Http1 { mut sender, home } => {
+                let request = http1_form(request);
+                let response = tokio::select! {
+                    result = sender.try_send_request(request) => result.map_err(Failed::from)?,
+                    () = deadline => return Err(timeout()),
+                };
+                home.release(sender);
+                Ok(response.map(crate::body::stream))
+            }
+            Leased::Http2 { mut sender, stream } => {
+                let response = tokio::select! {
+                    result = sender.try_send_request(request) => result.map_err(Failed::from)?,
+                    () = deadline => return Err(timeout()),
+                };
+                Ok(response.map(|b| body::holding(body::stream(b), stream)))
+            }
         }
     }
 
     /// A raw TCP connection, for blind tunnels and upgrades.
     pub async fn connect_tcp(&self, host: &str, port: u16) -> Result<TcpStream, ProxyError> {
-        self.connector
-            .dialer
+        self.pool
+            .connector()
+            .dialer()
             .connect(host, port)
             .await
-            .map_err(|e| connect_error(&format!("{host}:{port}"), &e))
+            .map_err(|e| connect_error(&format!("{host}:{port}"), &ConnectError::Tcp(e)))
     }
 }
 
-/// A request body that tells `send` when hyper is done with it.
-struct SignalOnDrop {
-    inner: ProxyBody,
-    _sent: oneshot::Sender<()>,
+/// How one try failed: for good, or with the connection (maybe retryable).
+enum Failed {
+    Final(ProxyError),
+    Connection {
+        error: hyper::Error,
+        /// The request, when hyper never started writing it.
+        unsent: Option<Box<Request<ProxyBody>>>,
+    },
 }
 
-impl http_body::Body for SignalOnDrop {
-    type Data = bytes::Bytes;
-    type Error = crate::body::BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-fn classify(authority: &str, error: &hyper_util::client::legacy::Error) -> ProxyError {
-    if let Some(refusal) = dial::refusal(error) {
-        return refusal.clone().into();
-    }
-    let text = crate::report::chain(error);
-    if error.is_connect() {
-        // The connector reports its own timeout as TimedOut.
-        let timed_out = std::error::Error::source(error)
-            .and_then(|s| s.downcast_ref::<io::Error>())
-            .is_some_and(|e| e.kind() == io::ErrorKind::TimedOut);
-        if timed_out {
-            return ProxyError::Timeout(format!("connecting to {authority} timed out"));
+impl From<hyper::client::conn::TrySendError<Request<ProxyBody>>> for Failed {
+    fn from(mut error: hyper::client::conn::TrySendError<Request<ProxyBody>>) -> Self {
+        let unsent = error.take_message().map(Box::new);
+        Self::Connection {
+            error: error.into_error(),
+            unsent,
         }
-        return ProxyError::Unreachable(format!("cannot connect to {authority}: {text}"));
     }
-    ProxyError::Unreachable(format!("{authority}: {text}"))
 }
 
-fn connect_error(target: &str, error: &io::Error) -> ProxyError {
+fn connection_error(key: &Key, error: &hyper::Error) -> ProxyError {
+    ProxyError::Unreachable(format!("{key}: {}", crate::report::chain(error)))
+}
+
+/// 403 for the egress policy's refusal, 504 for a timeout, else 502.
+fn connect_error(target: &str, error: &ConnectError) -> ProxyError {
     if let Some(refusal) = dial::refusal(error) {
         return refusal.clone().into();
     }
-    if error.kind() == io::ErrorKind::TimedOut {
-        ProxyError::Timeout(format!("connecting to {target} timed out"))
+    let timed_out = match error {
+        ConnectError::Timeout(_) => true,
+        ConnectError::Tcp(e) => e.kind() == std::io::ErrorKind::TimedOut,
+        _ => false,
+    };
+    let text = format!("{target}: {}", crate::report::chain(error));
+    if timed_out {
+        ProxyError::Timeout(text)
     } else {
-        ProxyError::Unreachable(format!("cannot connect to {target}: {error}"))
+        ProxyError::Unreachable(text)
     }
 }
 
-// === impl Connector ===
-
-/// The pool's TCP connector: a [`Dialer`] as a tower service.
-#[derive(Clone)]
-pub struct Connector {
-    dialer: Dialer,
+/// HTTP/1.1 wants origin-form and a `Host` header; h2 takes the absolute URI
+/// as `:scheme` and `:authority`.
+fn http1_form(mut request: Request<ProxyBody>) -> Request<ProxyBody> {
+    let path = request
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    if let Some(authority) = request.uri().authority()
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        request.headers_mut().insert(header::HOST, host);
+    }
+    *request.uri_mut() = Uri::from(path);
+    *request.version_mut() = Version::HTTP_11;
+    request
 }
 
-impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<TcpStream>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+// === impl Key ===
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let host = uri
-                .host()
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "URI without host"))?;
-            let default_port = if uri.scheme_str() == Some("https") {
-                443
-            } else {
-                80
-            };
-            let stream = this
-                .dialer
-                .connect(host, uri.port_u16().unwrap_or(default_port))
-                .await?;
-            Ok(TokioIo::new(stream))
+impl Key {
+    fn of(uri: &Uri) -> Result<Self, ProxyError> {
+        let https = uri.scheme() == Some(&Scheme::HTTPS);
+        let authority: &Authority = uri
+            .authority()
+            .ok_or_else(|| ProxyError::BadRequest("the upstream URL has no host".into()))?;
+        Ok(Self {
+            https,
+            host: authority.host().into(),
+            port: authority.port_u16().unwrap_or(if https { 443 } else { 80 }),
         })
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
     }
 }
