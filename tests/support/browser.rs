@@ -2,6 +2,7 @@
 //! Chrome DevTools Protocol: one WebSocket, JSON commands answered by id. Just the four
 //! things a page test needs: open a URL, evaluate JavaScript (awaiting its promise), send
 //! a header with every request, take a screenshot. The process is killed on drop.
+//! `CHROMIUM=/path/to/chrome` picks another binary (default: `chromium` on the PATH).
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -44,6 +45,8 @@ impl Browser {
                 "--headless",
                 "--no-sandbox",
                 "--disable-gpu",
+                // Containers often have a 64 MB /dev/shm, too small for a renderer.
+                "--disable-dev-shm-usage",
                 "--disable-quic",
                 "--no-first-run",
                 "--disable-background-networking",
