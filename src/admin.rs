@@ -177,7 +177,8 @@ impl Admin {
                         } else {
                             "refresh_failed"
                         };
-                        return see_other(&format!("/?{notice}={name}"));
+                        // Relative: back to the page also behind a path prefix.
+                        return see_other(&format!("../../?{notice}={name}"));
                     }
                     match outcome {
                         Ok(_) => json(StatusCode::OK, &integration.status()),

@@ -3,7 +3,8 @@
 //! script or style (the Content-Security-Policy forbids both), and no secret:
 //! it is built from `Status`, route names, listener addresses and the store's
 //! description only. Its live update swaps in `#live` from a fresh copy of this
-//! same page, so there is one renderer and one escaping path.
+//! same page, so there is one renderer and one escaping path. Its links are
+//! relative, so it also works behind a path prefix (e.g. `kubectl proxy`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -68,8 +69,8 @@ pub fn render(view: &View) -> String {
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">",
         "<title>credproxy status</title>",
-        "<link rel=\"stylesheet\" href=\"/status.css\">",
-        "<script src=\"/status.js\" defer></script></head><body>\n",
+        "<link rel=\"stylesheet\" href=\"status.css\">",
+        "<script src=\"status.js\" defer></script></head><body>\n",
     ));
     html.push_str("<p id=\"notice\" role=\"status\" aria-live=\"polite\">");
     match view.notice {
@@ -93,7 +94,7 @@ pub fn render(view: &View) -> String {
     let _ = writeln!(
         html,
         "<footer>Updated <time id=\"updated\" datetime=\"{now}\">{now}</time> · \
-         <a href=\"/integrations\">/integrations</a> · <a href=\"/metrics\">/metrics</a></footer>",
+         <a href=\"integrations\">/integrations</a> · <a href=\"metrics\">/metrics</a></footer>",
         now = escape(&rfc3339(view.now)),
     );
     html.push_str("</main>\n</body></html>\n");
@@ -150,7 +151,7 @@ fn integrations(html: &mut String, view: &View) {
         );
         let _ = writeln!(
             html,
-            "<td><form class=\"refresh\" method=\"post\" action=\"/integrations/{name}/refresh\">\
+            "<td><form class=\"refresh\" method=\"post\" action=\"integrations/{name}/refresh\">\
              <button type=\"submit\">Refresh now</button></form></td></tr>"
         );
     }

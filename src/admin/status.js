@@ -7,7 +7,8 @@
 const UPDATE_EVERY_MS = 5000;
 
 async function update() {
-  const response = await fetch("/", { headers: { Accept: "text/html" }, cache: "no-store" });
+  // ".": this page without its query, wherever it is mounted.
+  const response = await fetch(".", { headers: { Accept: "text/html" }, cache: "no-store" });
   if (!response.ok) {
     return;
   }
