@@ -20,7 +20,7 @@ use crate::oauth::OAuthClient;
 use crate::proxy::dial::{Resolve, SystemResolver};
 use crate::proxy::{Proxy, sidecar};
 use crate::server::{self, Admission, ShutdownTrigger};
-use crate::state::{FileStore, StateStore};
+use crate::state;
 use crate::tokens::Tokens;
 
 /// How long a stop waits for in-flight requests.
@@ -50,7 +50,7 @@ pub async fn start_with_resolver(
     resolver: Arc<dyn Resolve>,
 ) -> Result<Running, Error> {
     refuse_open_listeners(config)?;
-    let store: Arc<dyn StateStore> = Arc::new(FileStore::open(&config.state.path)?);
+    let store = state::open(&config.state.path, config.state.key.as_ref())?;
     let tokens = Tokens::new(config, store.clone(), OAuthClient::new(&config.upstream)?)?;
     let tokens = Arc::new(ArcSwap::from_pointee(tokens));
     let metrics = Arc::new(Metrics::new(tokens.clone()));

@@ -27,7 +27,7 @@ use crate::body::{self, ProxyBody};
 use crate::config::{Config, IntegrationConfig};
 use crate::oauth::OAuthClient;
 use crate::secret::Secret;
-use crate::state::{self, Entry, FileStore, StateError, StateStore};
+use crate::state::{self, Entry, StateError, StateStore};
 use crate::tls::TlsError;
 use crate::tokens::RefreshError;
 
@@ -249,6 +249,9 @@ impl Flow {
         config: &Config,
         code: &Secret,
     ) -> Result<OffsetDateTime, AuthorizeError> {
+        // Opened first: a store that cannot take the tokens (a wrong key) must
+        // fail before the single-use code is spent.
+        let store = state::open(&config.state.path, config.state.key.as_ref())?;
         let client = OAuthClient::new(&config.upstream)?;
         let response = client
             .exchange_code(&self.integration, code, &self.verifier)
@@ -278,8 +281,8 @@ impl Flow {
                 .as_ref()
                 .map(state::fingerprint),
             updated_at: now,
+            sealed: false,
         };
-        let store = Arc::new(FileStore::open(&config.state.path)?);
         let name = self.integration.name.clone();
         tokio::task::spawn_blocking(move || {
             let _lock = store.lock(&name)?;

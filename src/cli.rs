@@ -86,6 +86,26 @@ pub enum Command {
     /// Manage the local certificate authority that clients trust.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// The state store: the key that seals its tokens at rest.
+    #[command(subcommand)]
+    State(StateCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StateCommand {
+    /// Print a fresh key for `[state] key` (32 random bytes from the operating
+    /// system, base64). Keep it like a password: it opens every stored token.
+    Keygen,
+    /// Re-seal every entry of the store under a new key, in one atomic step,
+    /// holding every integration's refresh lock. The current key is the config's
+    /// `[state] key` (none: the store is in clear); then set `[state] key` to the
+    /// new key everywhere (a SIGHUP reloads it).
+    Rekey {
+        /// The environment variable holding the new key (not the key itself:
+        /// command lines are visible to other users).
+        #[arg(long, value_name = "ENV_VAR")]
+        new_key: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

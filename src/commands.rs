@@ -1,24 +1,24 @@
-//! The one-shot commands: `check`, `token`, `ca init`, `ca bundle`. They return
-//! what to print; `main` prints it.
+//! The one-shot commands: `check`, `token`, `ca init`, `ca bundle`, `state
+//! keygen`, `state rekey`. They return what to print; `main` prints it.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use time::OffsetDateTime;
+use zeroize::Zeroizing;
 
 use crate::config::Config;
 use crate::error::Error;
 use crate::oauth::OAuthClient;
 use crate::report;
 use crate::secret::Secret;
-use crate::state::FileStore;
+use crate::secret::StateKey;
 use crate::tokens::{Reason, Tokens};
-use crate::{ca, tokens};
+use crate::{ca, state, tokens};
 
 /// Opens the state store and builds the token store of `config`.
 pub fn open_tokens(config: &Config) -> Result<Tokens, Error> {
-    let store = Arc::new(FileStore::open(&config.state.path)?);
+    let store = state::open(&config.state.path, config.state.key.as_ref())?;
     let client = OAuthClient::new(&config.upstream)?;
     Ok(Tokens::new(config, store, client)?)
 }
@@ -110,6 +110,38 @@ pub fn ca_init(config: &Config, constrain: bool) -> Result<(ca::Ca, bool), Error
 pub fn ca_bundle(config: &Config) -> Result<PathBuf, Error> {
     let (ca, _) = ca::load_or_create(&config.ca)?;
     Ok(ca::write_bundle(&ca)?)
+}
+
+/// A fresh `[state] key`, base64.
+pub fn state_keygen() -> Result<Zeroizing<String>, Error> {
+    let key = StateKey::generate().map_err(|e| Error::Failed(format!("cannot make a key: {e}")))?;
+    Ok(key.to_base64())
+}
+
+/// Re-seals the store under the key in environment variable `new_key_var`.
+/// Returns what to tell the operator.
+pub fn state_rekey(config: &Config, new_key_var: &str) -> Result<String, Error> {
+    let text = std::env::var(new_key_var).map_err(|_| {
+        Error::Usage(format!(
+            "--new-key {new_key_var}: environment variable {new_key_var} is not set"
+        ))
+    })?;
+    let new_key = StateKey::from_base64(&text)
+        .map_err(|e| Error::Usage(format!("--new-key {new_key_var}: the value {e}")))?;
+    let store = state::open(&config.state.path, config.state.key.as_ref())?;
+    // The config's integrations too: one not yet in the store must not write
+    // under the old key while the others move to the new one.
+    let names: Vec<&str> = config
+        .integrations
+        .iter()
+        .map(|i| i.name.as_str())
+        .collect();
+    let count = store.rekey(&new_key, &names)?;
+    Ok(format!(
+        "{}: re-sealed {count} {} under the new key. Now set [state] key to it for every process that shares this store (SIGHUP reloads it); until then they report \"wrong or missing [state] key\" and keep serving their current tokens.",
+        config.state.path.display(),
+        if count == 1 { "entry" } else { "entries" }
+    ))
 }
 
 /// "1h2m3s" style, for humans.

@@ -1,5 +1,5 @@
 //! The validated configuration: `load(path)` reads the TOML file, expands
-//! `${VAR}`, deserializes it and checks every value. Any problem is a
+//! `${VAR}` and `${file:PATH}`, deserializes it and checks every value. Any problem is a
 //! `ConfigError` naming the file, the key path and the cause.
 //!
 //! Each section has one file under `config/`: its validated type, its serde
@@ -76,7 +76,7 @@ impl Config {
 }
 
 /// Reads and validates the config file at `path`, expanding `${VAR}` from the
-/// process environment.
+/// process environment and `${file:PATH}` from the file system.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
@@ -107,6 +107,7 @@ pub fn parse(
                     format!("environment variable {var} is not set")
                 }
                 expand::ExpandError::Unterminated => "\"${\" without a closing \"}\"".into(),
+                expand::ExpandError::File(file, reason) => format!("cannot read {file}: {reason}"),
             },
         })?;
     let raw: Result<RawConfig, _> = serde_path_to_error::deserialize(value).map_err(|e| {
@@ -192,7 +193,7 @@ impl Validator<'_> {
             proxy: self.proxy(raw.proxy, &routes)?,
             admin: self.admin(raw.admin)?,
             ca: self.ca(raw.ca)?,
-            state: self.state(raw.state),
+            state: self.state(raw.state)?,
             upstream: self.upstream(raw.upstream)?,
             sidecars: self.sidecars(raw.sidecars, &routes)?,
             integrations,
@@ -376,6 +377,58 @@ upstream = "https://content.dropboxapi.com"
         .unwrap();
         assert_eq!(config.integrations.len(), 1);
         assert_eq!(config.routes.len(), 2);
+    }
+
+    /// The config inside the Kubernetes example, with its secret files present.
+    #[test]
+    fn kubernetes_example_is_valid() {
+        let yaml = include_str!("../config/deploy/kubernetes.yaml");
+        let toml: String = yaml
+            .lines()
+            .skip_while(|line| !line.contains("credproxy.toml: |"))
+            .skip(1)
+            .take_while(|line| !line.starts_with("---"))
+            .map(|line| format!("{}\n", line.strip_prefix("    ").unwrap_or(line)))
+            .collect();
+        let secrets = tempfile::tempdir().unwrap();
+        for name in [
+            "admin-token",
+            "dropbox-app-key",
+            "dropbox-app-secret",
+            "dropbox-refresh-token",
+        ] {
+            std::fs::write(secrets.path().join(name), format!("{name}-value\n")).unwrap();
+        }
+        let key = crate::secret::StateKey::generate().unwrap();
+        std::fs::write(
+            secrets.path().join("state-key"),
+            format!("{}\n", *key.to_base64()),
+        )
+        .unwrap();
+        let toml = toml.replace("/run/secrets/credproxy", secrets.path().to_str().unwrap());
+        let config = parse_text(&toml).unwrap();
+        assert_eq!(config.state.key, Some(key));
+        let dropbox = config.integration("dropbox").unwrap();
+        assert_eq!(dropbox.client_secret.expose(), "dropbox-app-secret-value");
+    }
+
+    #[test]
+    fn state_key_is_checked_and_never_shown() {
+        let key = crate::secret::StateKey::generate().unwrap();
+        let text = format!("[state]\nkey = \"{}\"", *key.to_base64());
+        let config = parse_text(&text).unwrap();
+        assert_eq!(config.state.key, Some(key.clone()));
+        let debug = format!("{config:?}");
+        assert!(!debug.contains(key.to_base64().as_str()), "{debug}");
+        assert!(debug.contains("StateKey([redacted])"), "{debug}");
+        for (bad, want) in [
+            ("c2hvcnQ=", "is 5 bytes long, not 32"),
+            ("not-base64!", "is not base64"),
+        ] {
+            let err = error_of(&format!("[state]\nkey = \"{bad}\""));
+            assert!(err.contains(&format!("state.key: {want}")), "{err}");
+            assert!(!err.contains(bad), "{err}");
+        }
     }
 
     #[test]

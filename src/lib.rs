@@ -22,14 +22,17 @@
 //! - `tokens` (+ `tokens/`): per-integration `ArcSwap` token, single-flight refresh,
 //!   the background refresher and its pure schedule.
 //! - `oauth`: one refresh_token exchange with a token endpoint.
-//! - `state`: the state file (atomic writes, 0600, cross-process lock).
+//! - `state` (+ `state/seal`, `state/sealed`): the state file (atomic writes, 0600,
+//!   cross-process lock), and the AES-256-GCM sealing of every stored token under
+//!   `[state] key`, wrapped around the store.
 //! - `tls`: the crypto provider and root store for outbound TLS.
 //! - `config` (+ `config/`): the TOML file, validated; one file per section
-//!   (proxy, upstream, integration, routes, state, ca, limits), `${VAR}`,
-//!   durations, header templates.
+//!   (proxy, upstream, integration, routes, state, ca, limits), `${VAR}` and
+//!   `${file:PATH}`, durations, header templates.
 //! - `egress`: where unrouted traffic may go (`proxy.allow`, `proxy.block`); pure.
 //! - `routes`: host → route lookup.
-//! - `secret`: the redacting type every token and client secret lives in.
+//! - `secret`: the redacting types every token, client secret and the state key
+//!   live in.
 //! - `body`: the one HTTP body type every listener and client uses.
 //! - `report`: an error and its causes as one line.
 

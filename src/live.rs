@@ -12,7 +12,7 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::oauth::OAuthClient;
 use crate::proxy::Proxy;
-use crate::state::{StateStore, StoreInfo};
+use crate::state::{SealedStore, StateStore, StoreInfo};
 use crate::tokens::{Refreshers, Tokens};
 
 /// What the admin API and a reload work on.
@@ -20,7 +20,7 @@ pub struct State {
     tokens: Arc<ArcSwap<Tokens>>,
     proxy: Arc<Proxy>,
     metrics: Arc<Metrics>,
-    store: Arc<dyn StateStore>,
+    store: Arc<SealedStore>,
     refreshers: Mutex<Refreshers>,
     /// The config as started: its file is re-read on reload, and its listeners
     /// and files stay in effect until a restart.
@@ -37,7 +37,7 @@ impl State {
         tokens: Arc<ArcSwap<Tokens>>,
         proxy: Arc<Proxy>,
         metrics: Arc<Metrics>,
-        store: Arc<dyn StateStore>,
+        store: Arc<SealedStore>,
         started: Config,
     ) -> Self {
         let refreshers = Mutex::new(tokens.load().spawn_refreshers());
@@ -75,6 +75,11 @@ impl State {
     pub fn reload(&self) -> Result<Vec<String>, Error> {
         let _one_at_a_time = lock(&self.reloading);
         let new = config::load(&self.started.source)?;
+        // A new key (the fleet step after `credproxy state rekey`) is taken
+        // only if every entry opens with it.
+        if new.state.key != self.store.key() {
+            self.store.use_key(new.state.key.as_ref())?;
+        }
         let tokens = self.tokens.load().reloaded(
             &new,
             self.store.clone(),

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::Parser;
-use credproxy::cli::{CaCommand, Cli, Command, LogFormat};
+use credproxy::cli::{CaCommand, Cli, Command, LogFormat, StateCommand};
 use credproxy::error::Error;
 use credproxy::report;
 use credproxy::{app, commands, config};
@@ -96,6 +96,15 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
         }
         Command::Ca(CaCommand::Bundle) => {
             println!("{}", commands::ca_bundle(&load()?)?.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::State(StateCommand::Keygen) => {
+            // Printed on purpose: this command's job. It needs no config.
+            println!("{}", *commands::state_keygen()?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::State(StateCommand::Rekey { new_key }) => {
+            println!("{}", commands::state_rekey(&load()?, &new_key)?);
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -264,9 +273,11 @@ fn init_logging(
 ) -> tracing_appender::non_blocking::WorkerGuard {
     let default = match command {
         Command::Run | Command::Demo { .. } => "info",
-        Command::Check | Command::Token { .. } | Command::Authorize { .. } | Command::Ca(_) => {
-            "error"
-        }
+        Command::Check
+        | Command::Token { .. }
+        | Command::Authorize { .. }
+        | Command::Ca(_)
+        | Command::State(_) => "error",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));

@@ -1,4 +1,5 @@
-//! `Secret`: client secrets, refresh tokens and access tokens.
+//! `Secret`: client secrets, refresh tokens and access tokens; `StateKey`: the
+//! `[state] key` that seals them at rest.
 //!
 //! Debug and Display print a redaction, so a secret that ends up in a log line, an
 //! error or a `{:?}` of a config prints `[redacted]`. The only way to read the value
@@ -7,8 +8,11 @@
 use std::fmt;
 use std::sync::Arc;
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(Arc<str>);
@@ -62,6 +66,72 @@ impl<'de> Deserialize<'de> for Secret {
     }
 }
 
+// === impl StateKey ===
+
+const KEY_LEN: usize = 32;
+
+/// The `[state] key`: 32 random bytes, wiped from memory when dropped.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StateKey(Zeroizing<[u8; KEY_LEN]>);
+
+/// Why a `[state] key` value is not a key. Never quotes the value.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KeyError {
+    #[error(
+        "is not base64 (expected 32 random bytes in base64, as `credproxy state keygen` prints)"
+    )]
+    NotBase64,
+    #[error(
+        "is {0} bytes long, not 32 (expected 32 random bytes in base64, as `credproxy state keygen` prints)"
+    )]
+    Length(usize),
+}
+
+impl StateKey {
+    /// A fresh key from the operating system's random number generator.
+    pub fn generate() -> Result<Self, getrandom::Error> {
+        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        getrandom::fill(key.as_mut_slice())?;
+        Ok(Self(key))
+    }
+
+    pub fn from_base64(text: &str) -> Result<Self, KeyError> {
+        let bytes = Zeroizing::new(
+            STANDARD
+                .decode(text.trim())
+                .map_err(|_| KeyError::NotBase64)?,
+        );
+        if bytes.len() != KEY_LEN {
+            return Err(KeyError::Length(bytes.len()));
+        }
+        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        key.copy_from_slice(&bytes);
+        Ok(Self(key))
+    }
+
+    /// The key's bytes.
+    ///
+    /// # Security
+    /// Only for the cipher that seals the state (`state::seal`).
+    pub fn expose(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+
+    /// The key as `[state] key` takes it.
+    ///
+    /// # Security
+    /// Only for `credproxy state keygen`, whose job is to print it.
+    pub fn to_base64(&self) -> Zeroizing<String> {
+        Zeroizing::new(STANDARD.encode(self.0.as_slice()))
+    }
+}
+
+impl fmt::Debug for StateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("StateKey([redacted])")
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -82,5 +152,19 @@ mod tests {
         assert!(!secret.matches(b"hunter3"));
         assert!(!secret.matches(b"hunter"));
         assert!(!secret.matches(b""));
+    }
+
+    #[test]
+    fn state_key_parses_from_base64_only_at_32_bytes() {
+        let key = StateKey::generate().unwrap();
+        let text = key.to_base64();
+        assert_eq!(StateKey::from_base64(&format!("{}\n", *text)).unwrap(), key);
+        assert_ne!(StateKey::generate().unwrap(), key, "fresh every time");
+        assert_eq!(StateKey::from_base64("AAAA"), Err(KeyError::Length(3)));
+        assert_eq!(
+            StateKey::from_base64("not base64!"),
+            Err(KeyError::NotBase64)
+        );
+        assert_eq!(format!("{key:?}"), "StateKey([redacted])");
     }
 }

@@ -7,6 +7,12 @@
 //! held across the token exchange, makes refreshes single-flight across
 //! processes that share the file. A shared database store for many replicas can
 //! implement [`StateStore`] later.
+//!
+//! With a `[state] key`, every store is wrapped in a [`SealedStore`], which
+//! seals each token before the store sees it (`seal`, `sealed`).
+
+pub mod seal;
+pub mod sealed;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -19,6 +25,7 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 use crate::secret::Secret;
+pub use sealed::SealedStore;
 
 const FORMAT_VERSION: u32 = 1;
 
@@ -40,6 +47,40 @@ pub struct Entry {
     pub scope: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+    /// The token fields hold values sealed under the `[state] key`, not tokens.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sealed: bool,
+}
+
+impl Entry {
+    /// The entry with `f` applied to every token field (named as in the file).
+    /// The destructuring is exhaustive on purpose: a field added to `Entry` must
+    /// be placed here, as a token to seal or as something safe to show.
+    pub fn map_secrets<E>(
+        self,
+        mut f: impl FnMut(&'static str, Secret) -> Result<Secret, E>,
+    ) -> Result<Self, E> {
+        let Entry {
+            refresh_token,
+            access_token,
+            token_type: _,
+            expires_at: _,
+            seed_fingerprint: _,
+            scope: _,
+            updated_at: _,
+            sealed: _,
+        } = &self;
+        let refresh_token = f("refresh_token", refresh_token.clone())?;
+        let access_token = access_token
+            .clone()
+            .map(|t| f("access_token", t))
+            .transpose()?;
+        Ok(Entry {
+            refresh_token,
+            access_token,
+            ..self
+        })
+    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -74,6 +115,19 @@ pub enum StateError {
         #[source]
         source: io::Error,
     },
+    #[error("{store}: {integration}: wrong or missing [state] key: {reason}")]
+    Key {
+        store: String,
+        integration: String,
+        reason: String,
+    },
+    #[error("{store}: {integration}: cannot seal the tokens")]
+    Seal {
+        store: String,
+        integration: String,
+        #[source]
+        source: seal::SealError,
+    },
 }
 
 /// Held while one process refreshes one integration; dropping it releases the lock.
@@ -90,6 +144,15 @@ pub trait StateStore: Send + Sync + 'static {
     fn save(&self, integration: &str, entry: &Entry) -> Result<(), StateError>;
     /// What the status page shows about the store. Does no I/O.
     fn describe(&self) -> StoreInfo;
+    /// Every entry, by integration.
+    fn entries(&self) -> Result<BTreeMap<String, Entry>, StateError>;
+    /// Replaces every entry with `f`'s result in one atomic step: all of them
+    /// or none (an error from `f` writes nothing). The caller holds the locks
+    /// that keep refreshes out.
+    fn update_all(
+        &self,
+        f: &mut dyn FnMut(&str, Entry) -> Result<Entry, StateError>,
+    ) -> Result<(), StateError>;
 }
 
 /// A store as an operator sees it: never a password or a token.
@@ -101,6 +164,17 @@ pub struct StoreInfo {
     pub location: String,
     /// Tokens sealed at rest.
     pub sealed: bool,
+}
+
+/// The configured store, sealed with the `[state] key` when there is one.
+/// Every sealed entry is opened once here, so a wrong or missing key is an
+/// error before anything is read for use, written or refreshed.
+pub fn open(
+    path: &Path,
+    key: Option<&crate::secret::StateKey>,
+) -> Result<std::sync::Arc<SealedStore>, StateError> {
+    let file = FileStore::open(path)?;
+    SealedStore::open(std::sync::Arc::new(file), key).map(std::sync::Arc::new)
 }
 
 /// A hash of a config refresh token, to notice when the config's token changed
@@ -247,6 +321,27 @@ impl StateStore for FileStore {
         self.lock_file(&format!(".{integration}.lock"))
     }
 
+    fn entries(&self) -> Result<BTreeMap<String, Entry>, StateError> {
+        Ok(self.read()?.integrations)
+    }
+
+    fn update_all(
+        &self,
+        f: &mut dyn FnMut(&str, Entry) -> Result<Entry, StateError>,
+    ) -> Result<(), StateError> {
+        let _guard = self.lock_file(".lock")?;
+        let mut state = self.read()?;
+        if state.integrations.is_empty() {
+            return Ok(());
+        }
+        state.integrations = std::mem::take(&mut state.integrations)
+            .into_iter()
+            .map(|(name, entry)| f(&name, entry).map(|entry| (name, entry)))
+            .collect::<Result<_, _>>()?;
+        // One rename: a crash leaves either the old file or the new one.
+        self.write_atomically(&state)
+    }
+
     fn save(&self, integration: &str, entry: &Entry) -> Result<(), StateError> {
         // Other integrations' refreshes (this process or another) write the same
         // file: serialize read-modify-write with a file-wide lock.
@@ -284,6 +379,7 @@ mod tests {
             seed_fingerprint: None,
             scope: None,
             updated_at: OffsetDateTime::UNIX_EPOCH,
+            sealed: false,
         }
     }
 
@@ -304,6 +400,34 @@ mod tests {
         );
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn update_all_writes_every_entry_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        let store = FileStore::open(&path).unwrap();
+        store.save("a", &entry("rt-a")).unwrap();
+        store.save("b", &entry("rt-b")).unwrap();
+        let before = fs::read(&path).unwrap();
+        let failed = store.update_all(&mut |name, entry| match name {
+            "b" => Err(StateError::Corrupt {
+                path: PathBuf::new(),
+                detail: "test".into(),
+            }),
+            _ => Ok(entry),
+        });
+        assert!(failed.is_err());
+        assert_eq!(fs::read(&path).unwrap(), before, "nothing written");
+        store
+            .update_all(&mut |name, mut entry| {
+                entry.token_type = Some(name.to_uppercase());
+                Ok(entry)
+            })
+            .unwrap();
+        let entries = store.entries().unwrap();
+        assert_eq!(entries["a"].token_type.as_deref(), Some("A"));
+        assert_eq!(entries["b"].token_type.as_deref(), Some("B"));
     }
 
     #[test]

@@ -541,6 +541,7 @@ impl Integration {
             seed_fingerprint: chain.seed_fingerprint,
             scope: self.config.scope.clone(),
             updated_at: now,
+            sealed: false,
         };
         {
             let mut status = self.lock_status();

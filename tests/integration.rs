@@ -55,3 +55,6 @@ mod ca_constrained;
 
 // Issue 17: the status page and the Grafana dashboard.
 mod status_page;
+
+// Issue 12: secrets at rest — sealed state, secrets from files, key rotation.
+mod sealed_state;

@@ -1,5 +1,7 @@
-//! `${VAR}` interpolation, applied to every string value of the parsed TOML before
-//! it is mapped onto the config types, so an error can name the key that used it.
+//! `${VAR}` and `${file:PATH}` interpolation, applied to every string value of
+//! the parsed TOML before it is mapped onto the config types, so an error can
+//! name the key that used it. Files are how Kubernetes and Docker hand secrets
+//! to a container.
 
 use toml::Value;
 
@@ -8,10 +10,13 @@ use toml::Value;
 pub enum ExpandError {
     Missing(String),
     Unterminated,
+    /// `${file:PATH}` could not be read: the path and the reason.
+    File(String, String),
 }
 
-/// Expands `${VAR}` in every string of `value`, depth first. `lookup` is the
-/// environment (a parameter so tests need not touch the process environment).
+/// Expands `${VAR}` and `${file:PATH}` in every string of `value`, depth first.
+/// `lookup` is the environment (a parameter so tests need not touch the
+/// process environment).
 /// Returns the values substituted (they may be secrets, so errors redact them),
 /// or on failure the dotted key path and the reason.
 pub fn expand_all(
@@ -20,9 +25,12 @@ pub fn expand_all(
 ) -> Result<Vec<String>, (String, ExpandError)> {
     let mut substituted = Vec::new();
     let mut recording = |name: &str| {
-        let value = lookup(name)?;
+        let value = match name.strip_prefix("file:") {
+            Some(path) => read_file(path)?,
+            None => lookup(name).ok_or_else(|| ExpandError::Missing(name.to_owned()))?,
+        };
         substituted.push(value.clone());
-        Some(value)
+        Ok(value)
     };
     walk(value, &mut String::new(), &mut recording)?;
     Ok(substituted)
@@ -31,7 +39,7 @@ pub fn expand_all(
 fn walk(
     value: &mut Value,
     path: &mut String,
-    lookup: &mut dyn FnMut(&str) -> Option<String>,
+    lookup: &mut dyn FnMut(&str) -> Result<String, ExpandError>,
 ) -> Result<(), (String, ExpandError)> {
     match value {
         Value::String(s) if s.contains("${") => {
@@ -61,10 +69,22 @@ fn walk(
     Ok(())
 }
 
+/// A secret file's contents, with one trailing newline trimmed (`echo` and
+/// most editors add one; `kubectl create secret --from-file` keeps it).
+fn read_file(path: &str) -> Result<String, ExpandError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ExpandError::File(path.to_owned(), e.to_string()))?;
+    let trimmed = text
+        .strip_suffix("\r\n")
+        .or_else(|| text.strip_suffix('\n'))
+        .unwrap_or(&text);
+    Ok(trimmed.to_owned())
+}
+
 /// Expands one string. A `$` not followed by `{` is kept as is.
-pub fn expand(
+fn expand(
     input: &str,
-    lookup: &mut dyn FnMut(&str) -> Option<String>,
+    lookup: &mut dyn FnMut(&str) -> Result<String, ExpandError>,
 ) -> Result<String, ExpandError> {
     let mut out = String::with_capacity(input.len());
     let mut rest = input;
@@ -73,8 +93,7 @@ pub fn expand(
         let after = &rest[start + 2..];
         let end = after.find('}').ok_or(ExpandError::Unterminated)?;
         let name = &after[..end];
-        let value = lookup(name).ok_or_else(|| ExpandError::Missing(name.to_owned()))?;
-        out.push_str(&value);
+        out.push_str(&lookup(name)?);
         rest = &after[end + 1..];
     }
     out.push_str(rest);
@@ -90,22 +109,60 @@ mod tests {
         (name == "KEY").then(|| "v".to_owned())
     }
 
+    fn expand_one(text: &str) -> Result<String, ExpandError> {
+        let mut value = Value::String(text.to_owned());
+        expand_all(&mut value, &env).map_err(|(_, e)| e)?;
+        Ok(value.as_str().unwrap().to_owned())
+    }
+
     #[test]
     fn expands_and_keeps_plain_dollars() {
-        assert_eq!(expand("a${KEY}b$c", &mut env).as_deref(), Ok("avb$c"));
+        assert_eq!(expand_one("a${KEY}b$c").as_deref(), Ok("avb$c"));
     }
 
     #[test]
     fn missing_var_is_named() {
         assert_eq!(
-            expand("${NOPE}", &mut env),
+            expand_one("${NOPE}"),
             Err(ExpandError::Missing("NOPE".into()))
         );
     }
 
     #[test]
     fn unterminated_is_an_error() {
-        assert_eq!(expand("${KEY", &mut env), Err(ExpandError::Unterminated));
+        assert_eq!(expand_one("${KEY"), Err(ExpandError::Unterminated));
+    }
+
+    #[test]
+    fn file_contents_lose_one_trailing_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            ("plain", "s3cret", "s3cret"),
+            ("newline", "s3cret\n", "s3cret"),
+            ("crlf", "s3cret\r\n", "s3cret"),
+            ("two", "s3cret\n\n", "s3cret\n"),
+            ("inner", "a\nb\n", "a\nb"),
+        ];
+        for (name, contents, want) in cases {
+            let path = dir.path().join(name);
+            std::fs::write(&path, contents).unwrap();
+            let text = format!("x-${{file:{}}}-y", path.display());
+            assert_eq!(expand_one(&text), Ok(format!("x-{want}-y")), "{name}");
+        }
+    }
+
+    #[test]
+    fn unreadable_file_names_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        for path in [missing, dir.path().to_owned()] {
+            let path = path.display().to_string();
+            let result = expand_one(&format!("${{file:{path}}}"));
+            assert!(
+                matches!(&result, Err(ExpandError::File(named, _)) if *named == path),
+                "{result:?}"
+            );
+        }
     }
 
     #[test]

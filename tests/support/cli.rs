@@ -366,6 +366,7 @@ pub struct ConfigBuilder {
     refresh_token: Option<String>,
     options: Vec<(&'static str, String)>,
     integration_lines: Vec<String>,
+    state_lines: Vec<String>,
     raw: String,
 }
 
@@ -390,6 +391,7 @@ impl ConfigBuilder {
             refresh_token: None,
             options: Vec::new(),
             integration_lines: Vec::new(),
+            state_lines: Vec::new(),
             raw: String::new(),
         }
     }
@@ -479,6 +481,12 @@ impl ConfigBuilder {
         self
     }
 
+    /// A raw TOML line inside `[state]`, e.g. `key = "${file:/run/secrets/key}"`.
+    pub fn state_line(mut self, line: &str) -> Self {
+        self.state_lines.push(line.to_owned());
+        self
+    }
+
     /// Raw TOML appended after the integration; start it with a table header
     /// (`[proxy]`, `[[routes]]`, `[integrations.other]`), or its keys land in the integration.
     pub fn raw(mut self, toml: &str) -> Self {
@@ -490,6 +498,10 @@ impl ConfigBuilder {
     pub fn build(&self) -> String {
         let mut out = String::from("[state]\n");
         kv(&mut out, "path", path_str(&self.state));
+        for line in &self.state_lines {
+            out.push_str(line);
+            out.push('\n');
+        }
         out.push_str("\n[ca]\n");
         kv(&mut out, "cert", path_str(&self.ca_cert));
         kv(&mut out, "key", path_str(&self.ca_key));

@@ -83,6 +83,8 @@ struct State {
     /// Issued access tokens and when each expires; `revoke_access_tokens` clears it.
     access_tokens: HashMap<String, Instant>,
     current_access_token: Option<String>,
+    /// Every token this server handed out, access and refresh, in order.
+    issued: Vec<String>,
     requests: Vec<RecordedRequest>,
     successes: u64,
     invalid_grants: u64,
@@ -152,6 +154,7 @@ impl TokenServer {
                 delay: Duration::ZERO,
                 failures: VecDeque::new(),
                 access_tokens: HashMap::new(),
+                issued: Vec::new(),
                 current_access_token: None,
                 requests: Vec::new(),
                 successes: 0,
@@ -298,6 +301,11 @@ impl TokenServer {
     /// The refresh token the provider currently expects (`None` after `revoke_all`).
     pub fn latest_refresh_token(&self) -> Option<String> {
         self.state().chain.latest().map(str::to_owned)
+    }
+
+    /// Every access and refresh token this server issued (not the initial one).
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.state().issued.clone()
     }
 
     pub fn last_request(&self) -> Option<RecordedRequest> {
@@ -487,6 +495,8 @@ impl State {
             .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
         self.access_tokens.insert(access_token.clone(), expires_at);
         self.current_access_token = Some(access_token.clone());
+        self.issued.push(access_token.clone());
+        self.issued.extend(refresh_token.clone());
         let mut body = json!({ "access_token": access_token, "token_type": "bearer" });
         if self.send_expires_in {
             body["expires_in"] = json!(self.expires_in);
