@@ -16,8 +16,9 @@ use crate::routes::{self, HostPattern};
 /// A class of addresses `proxy.block` can refuse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AddressClass {
-    /// This host: 127.0.0.0/8, ::1, and 0.0.0.0/8 and `::`, which reach this
-    /// host too when connected to.
+    /// This host: 127.0.0.0/8, ::1, 0.0.0.0/8 and `::` (which reach this host
+    /// too when connected to), and — judged by the dialer, see
+    /// [`Policy::check_this_host`] — the addresses of its own interfaces.
     Loopback,
     /// 169.254.0.0/16 and fe80::/10, where cloud metadata services answer
     /// (169.254.169.254), plus AWS's IPv6 metadata address fd00:ec2::254.
@@ -85,6 +86,15 @@ impl AddressClass {
             Self::Loopback => &LOOPBACK,
             Self::LinkLocal => &LINK_LOCAL,
             Self::Private => &PRIVATE,
+        }
+    }
+
+    /// For messages: "… is a link-local address".
+    fn described(self) -> &'static str {
+        match self {
+            Self::Loopback => "an address of this host (loopback)",
+            Self::LinkLocal => "a link-local address",
+            Self::Private => "a private address",
         }
     }
 
@@ -217,9 +227,9 @@ impl fmt::Debug for AllowEntry {
 pub enum Refusal {
     #[error("{host} is not in proxy.allow")]
     NotAllowed { host: String },
-    #[error("{host} is a {class} address, which proxy.block refuses")]
+    #[error("{host} is {}, which proxy.block refuses", class.described())]
     BlockedLiteral { host: String, class: AddressClass },
-    #[error("{host} resolves to a {class} address, which proxy.block refuses")]
+    #[error("{host} resolves to {}, which proxy.block refuses", class.described())]
     Blocked {
         host: String,
         class: AddressClass,
@@ -307,15 +317,32 @@ impl Policy {
         });
         match blocked {
             None => Ok(()),
-            Some((_, class)) if literal => Err(Refusal::BlockedLiteral {
-                host: host.into(),
-                class,
-            }),
-            Some((addr, class)) => Err(Refusal::Blocked {
-                host: host.into(),
-                class,
-                addr,
-            }),
+            Some((addr, class)) => Err(refusal(host, literal, class, addr)),
+        }
+    }
+
+    /// With `loopback` blocked, also refuses the addresses of this host's own
+    /// interfaces (`is_local` says which): connecting to its public address
+    /// reaches a service bound to 0.0.0.0 as surely as 127.0.0.1 does.
+    pub fn check_this_host(
+        &self,
+        host: &str,
+        addrs: &[IpAddr],
+        is_local: impl Fn(IpAddr) -> bool,
+    ) -> Result<(), Refusal> {
+        if !self.block.contains(&AddressClass::Loopback) {
+            return Ok(());
+        }
+        match addrs
+            .iter()
+            .copied()
+            .find(|&addr| is_local(canonical(addr)))
+        {
+            None => Ok(()),
+            Some(addr) => {
+                let literal = ip_literal(host).is_some();
+                Err(refusal(host, literal, AddressClass::Loopback, addr))
+            }
         }
     }
 
@@ -324,6 +351,14 @@ impl Policy {
         self.allow
             .iter()
             .any(|e| matches!(e, AllowEntry::Host(pattern) if pattern.matches(&host)))
+    }
+}
+
+fn refusal(host: &str, literal: bool, class: AddressClass, addr: IpAddr) -> Refusal {
+    let host = host.into();
+    match literal {
+        true => Refusal::BlockedLiteral { host, class },
+        false => Refusal::Blocked { host, class, addr },
     }
 }
 
@@ -536,6 +571,35 @@ mod tests {
                 Some(Loopback)
             );
             assert_eq!(policy.blocked_class_of(&"0.0.0.0/0".parse().unwrap()), None);
+        }
+
+        #[test]
+        fn this_hosts_own_addresses_count_as_loopback() {
+            let own = ip("192.0.2.2");
+            let is_local = |addr: IpAddr| addr == own;
+            let policy = Policy::default();
+            assert_eq!(
+                policy.check_this_host("192.0.2.2", &[own], is_local),
+                Err(Refusal::BlockedLiteral {
+                    host: "192.0.2.2".into(),
+                    class: Loopback
+                })
+            );
+            let mapped = ip("::ffff:192.0.2.2");
+            assert!(
+                policy
+                    .check_this_host("me.test", &[mapped], is_local)
+                    .is_err()
+            );
+            assert_eq!(
+                policy.check_this_host("x", &[ip("192.0.2.3")], is_local),
+                Ok(())
+            );
+            let without_loopback = Policy::new(Vec::new(), vec![LinkLocal]);
+            assert_eq!(
+                without_loopback.check_this_host("x", &[own], is_local),
+                Ok(())
+            );
         }
 
         #[test]

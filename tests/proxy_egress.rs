@@ -202,3 +202,45 @@ async fn every_resolved_address_is_checked_and_the_checked_one_is_used() {
     assert_eq!(setup.api.requests(), 2);
     proxy.stop().await;
 }
+
+/// One of this machine's non-loopback addresses: the source address the kernel would
+/// pick towards a documentation address (a UDP "connect" sends nothing).
+fn own_non_loopback_address() -> IpAddr {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    socket
+        .connect("198.51.100.1:9")
+        .expect("this test needs a non-loopback network interface with a route");
+    let ip = socket.local_addr().unwrap().ip();
+    assert!(!ip.is_loopback(), "{ip}");
+    ip
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn this_hosts_own_address_counts_as_loopback() {
+    let setup = Setup::start().await;
+    // A service bound to every interface, as an admin listener on 0.0.0.0 would be.
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let _server = crate::support::serve::spawn(listener, None, |_request| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(
+            http_body_util::Empty::<bytes::Bytes>::new(),
+        ))
+    });
+    let target = format!("{}:{port}", own_non_loopback_address());
+
+    let proxy = setup.start_proxy(&ProxyOptions::default()).await;
+    refused_both_ways(&proxy, &target, "blocked_address").await;
+    let answer = client::connect(proxy.proxy_addr, &target, &[])
+        .await
+        .refused();
+    let message = answer.json()["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("an address of this host"), "{message}");
+    proxy.stop().await;
+
+    // Without loopback in proxy.block the same address is reachable.
+    let open = ProxyOptions::default().proxy_key("block", r#"["link-local"]"#);
+    let proxy = setup.start_proxy(&open).await;
+    let answer = get_through_tunnel(&proxy, &target, "/").await;
+    assert_eq!(answer.status, StatusCode::OK);
+    proxy.stop().await;
+}

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,9 +111,18 @@ impl Dialer {
         if let Some(policy) = &self.egress {
             let ips: Vec<_> = addrs.iter().map(SocketAddr::ip).collect();
             policy.check(host, &ips).map_err(refused)?;
+            policy
+                .check_this_host(host, &ips, is_local)
+                .map_err(refused)?;
         }
         Ok(addrs)
     }
+}
+
+/// Whether `ip` is one of this host's own addresses: only those can be bound
+/// (anything else is EADDRNOTAVAIL). No packet is sent.
+fn is_local(ip: IpAddr) -> bool {
+    !ip.is_unspecified() && std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
 fn refused(refusal: Refusal) -> io::Error {
@@ -142,7 +151,6 @@ pub fn refusal<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a R
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::net::IpAddr;
     use std::sync::Mutex;
 
     use super::*;
