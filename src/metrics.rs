@@ -127,6 +127,18 @@ pub enum TunnelKind {
     Upgraded,
 }
 
+impl TunnelKind {
+    const ALL: [Self; 3] = [Self::Blind, Self::Intercepted, Self::Upgraded];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Blind => "blind",
+            Self::Intercepted => "intercepted",
+            Self::Upgraded => "upgraded",
+        }
+    }
+}
+
 impl Metrics {
     /// `tokens` is read at each scrape (it is swapped on reload).
     pub fn new(tokens: Arc<ArcSwap<Tokens>>) -> Self {
@@ -175,9 +187,11 @@ impl Metrics {
             "Open tunnels: blind or intercepted CONNECT, and upgraded connections",
             tunnels.clone(),
         );
-        // Both series from the start: a dashboard shows 0, not "no data".
-        for kind in ["blind", "intercepted"] {
-            let _ = tunnels.get_or_create(&KindLabels { kind });
+        // Every kind from the start: a dashboard shows 0, not "no data".
+        for kind in TunnelKind::ALL {
+            let _ = tunnels.get_or_create(&KindLabels {
+                kind: kind.as_str(),
+            });
         }
         let cache = Family::<ResultLabels, Counter>::default();
         registry.register(
@@ -241,12 +255,10 @@ impl Metrics {
 
     /// Counts an open tunnel until the returned guard drops.
     pub fn tunnel(&self, kind: TunnelKind) -> GaugeGuard {
-        let kind = match kind {
-            TunnelKind::Blind => "blind",
-            TunnelKind::Intercepted => "intercepted",
-            TunnelKind::Upgraded => "upgraded",
+        let labels = KindLabels {
+            kind: kind.as_str(),
         };
-        GaugeGuard::new(self.tunnels.get_or_create(&KindLabels { kind }).clone())
+        GaugeGuard::new(self.tunnels.get_or_create(&labels).clone())
     }
 
     /// The Prometheus text exposition (format 0.0.4).

@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 
 const REQUESTS: &str = "credproxy_requests_total";
-const RETRIES: &str = "credproxy_retries_401_total";
+const RETRIES_401: &str = "credproxy_retries_401_total";
+const RESENDS: &str = "credproxy_upstream_retries_total";
 const LATENCY_BUCKET: &str = "credproxy_upstream_latency_seconds_bucket";
 
 /// The status classes the requests counter knows, in column order.
@@ -17,6 +18,8 @@ pub struct RouteFigures {
     /// Requests answered, by status class (`STATUS_CLASSES` order).
     pub requests: [f64; 5],
     pub retries_401: f64,
+    /// Requests resent on a fresh upstream connection (any reason).
+    pub resends: f64,
     /// Upstream latency quantiles in seconds; None before the first request.
     pub p50: Option<f64>,
     pub p99: Option<f64>,
@@ -38,7 +41,8 @@ pub fn by_route(exposition: &str) -> BTreeMap<String, RouteFigures> {
                     figures.entry(route.to_owned()).or_default().requests[index] += sample.value;
                 }
             }
-            RETRIES => figures.entry(route.to_owned()).or_default().retries_401 += sample.value,
+            RETRIES_401 => figures.entry(route.to_owned()).or_default().retries_401 += sample.value,
+            RESENDS => figures.entry(route.to_owned()).or_default().resends += sample.value,
             LATENCY_BUCKET => {
                 let Some(le) = sample.label("le").and_then(parse_float) else {
                     continue;
@@ -165,6 +169,8 @@ credproxy_requests_total{route="api.test",status_class="2xx",client="b"} 4
 credproxy_requests_total{route="api.test",status_class="5xx",client="a"} 1
 credproxy_requests_total{route="we\"ird\\",status_class="4xx"} 2
 credproxy_retries_401_total{route="api.test"} 5
+credproxy_upstream_retries_total{route="api.test",reason="goaway"} 2
+credproxy_upstream_retries_total{route="api.test",reason="refused_stream"} 1
 credproxy_upstream_latency_seconds_sum{route="api.test"} 1.0
 credproxy_upstream_latency_seconds_count{route="api.test"} 10
 credproxy_upstream_latency_seconds_bucket{le="0.1",route="api.test"} 0
@@ -183,6 +189,7 @@ credproxy_upstream_latency_seconds_bucket{le="+Inf",route="slow"} 2
             let figures = by_route(TEXT);
             assert_eq!(figures["api.test"].requests, [0.0, 7.0, 0.0, 0.0, 1.0]);
             assert_eq!(figures["api.test"].retries_401, 5.0);
+            assert_eq!(figures["api.test"].resends, 3.0);
         }
 
         #[test]

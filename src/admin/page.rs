@@ -191,7 +191,9 @@ fn routes(html: &mut String, view: &View) {
     }
     html.push_str(concat!(
         "<th class=\"count\">Upstream p50</th><th class=\"count\">Upstream p99</th>",
-        "<th class=\"count\">401 retries</th></tr></thead><tbody>\n",
+        "<th class=\"count\">401 retries</th>",
+        "<th class=\"count\" title=\"requests resent on a fresh upstream connection\">Resends</th>",
+        "</tr></thead><tbody>\n",
     ));
     let none = RouteFigures::default();
     for (route, integration) in view.routes {
@@ -209,10 +211,12 @@ fn routes(html: &mut String, view: &View) {
         }
         let _ = writeln!(
             html,
-            "<td class=\"count\">{}</td><td class=\"count\">{}</td><td class=\"count\">{}</td></tr>",
+            "<td class=\"count\">{}</td><td class=\"count\">{}</td><td class=\"count\">{}</td>\
+             <td class=\"count\">{}</td></tr>",
             latency(figures.p50),
             latency(figures.p99),
-            figures.retries_401
+            figures.retries_401,
+            figures.resends
         );
     }
     html.push_str("</tbody></table></section>\n");
