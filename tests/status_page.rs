@@ -8,6 +8,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use base64::Engine;
 use credproxy::tokens::Health;
 use http::StatusCode;
 use serde_json::{Value, json};
@@ -405,6 +406,30 @@ async fn without_a_token_only_a_loopback_host_is_served() {
             .await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     proxy.stop().await;
+}
+
+/// The header names the state store (kind and location) and whether its tokens are sealed
+/// at rest; the key itself is not on the page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_names_the_state_store_and_whether_it_is_sealed() {
+    let setup = Setup::start().await;
+    let key = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+    let location = setup.dir.state_path().display().to_string();
+    for (key_line, shown) in [
+        (None, "not sealed"),
+        (Some(format!("key = \"{key}\"")), "sealed"),
+    ] {
+        let mut config = setup.config(&ProxyOptions::default());
+        if let Some(line) = &key_line {
+            config = config.state_line(line);
+        }
+        let proxy = InProcess::start(&config.load(&setup.dir)).await;
+        let page = Admin::new(proxy.admin_addr).get("/").await;
+        let store = format!("<span id=\"store\">file {location}, {shown}</span>");
+        assert!(page.text.contains(&store), "{store} not in {}", page.text);
+        assert_no_secrets(&page.text, &[&key]);
+        proxy.stop().await;
+    }
 }
 
 /// A browser cannot send a bearer token; it can send Basic, after asking the person.

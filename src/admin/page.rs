@@ -304,6 +304,41 @@ mod tests {
         }
     }
 
+    mod render {
+        use super::*;
+
+        #[test]
+        fn names_the_store_with_its_text_escaped() {
+            let store = StoreInfo {
+                kind: "postgres",
+                location: "db.internal:5432/credproxy?<x>".into(),
+                sealed: true,
+            };
+            let listeners = [("proxy".to_owned(), SocketAddr::from(([127, 0, 0, 1], 8080)))];
+            let view = View {
+                statuses: &[],
+                routes: &[],
+                figures: &BTreeMap::new(),
+                listeners: &listeners,
+                store: &store,
+                version: "1.2.3",
+                uptime: time::Duration::seconds(3700),
+                now: OffsetDateTime::UNIX_EPOCH,
+                notice: Some(Notice::Refreshed("a<b")),
+            };
+            let html = render(&view);
+            for expected in [
+                "<span id=\"store\">postgres db.internal:5432/credproxy?&lt;x&gt;, sealed</span>",
+                "Up 1h 1m",
+                "<span class=\"version\">1.2.3</span>",
+                "<li>proxy <code>127.0.0.1:8080</code></li>",
+                "Refreshed a&lt;b.",
+            ] {
+                assert!(html.contains(expected), "{expected} not in {html}");
+            }
+        }
+    }
+
     mod human {
         use super::*;
 
