@@ -14,7 +14,7 @@ use crate::admin;
 use crate::ca::{self, mint::LeafCache};
 use crate::config::{Config, ConfigError};
 use crate::error::Error;
-use crate::live::State;
+use crate::live::{Overrides, State};
 use crate::metrics::Metrics;
 use crate::oauth::OAuthClient;
 use crate::proxy::dial::{Resolve, SystemResolver};
@@ -31,7 +31,8 @@ const ADMIN_MAX_CONNECTIONS: usize = 64;
 /// A started credproxy.
 pub struct Running {
     pub proxy_addr: SocketAddr,
-    pub admin_addr: SocketAddr,
+    /// None when no admin listener runs (`exec` without an `[admin]` table).
+    pub admin_addr: Option<SocketAddr>,
     pub sidecar_addrs: Vec<SocketAddr>,
     pub state: Arc<State>,
     trigger: ShutdownTrigger,
@@ -40,16 +41,20 @@ pub struct Running {
 /// Checks, loads and binds everything, then starts serving. Returns once the
 /// listeners accept connections.
 pub async fn start(config: &Config) -> Result<Running, Error> {
-    start_with_resolver(config, Arc::new(SystemResolver)).await
+    start_with(config, Overrides::default(), Arc::new(SystemResolver)).await
 }
 
-/// `start`, with names upstream resolved by `resolver` instead of the
-/// system's: for tests that need chosen DNS answers.
-pub async fn start_with_resolver(
+/// `start`, with `overrides` applied to `config` (and to every reload of it),
+/// and names upstream resolved by `resolver` (tests choose DNS answers).
+pub async fn start_with(
     config: &Config,
+    overrides: Overrides,
     resolver: Arc<dyn Resolve>,
 ) -> Result<Running, Error> {
-    refuse_open_listeners(config)?;
+    let mut config = config.clone();
+    overrides.apply(&mut config);
+    let config = &config;
+    refuse_open_listeners(config, !overrides.no_admin)?;
     let store = state::open(&config.state.path, config.state.key.as_ref())?;
     let tokens = Tokens::new(config, store.clone(), OAuthClient::new(&config.upstream)?)?;
     let tokens = Arc::new(ArcSwap::from_pointee(tokens));
@@ -62,7 +67,11 @@ pub async fn start_with_resolver(
         .map_err(|e| Error::Failed(crate::report::chain(&e)))?;
 
     let proxy_listener = bind("proxy.listen", config.proxy.listen).await?;
-    let admin_listener = bind("admin.listen", config.admin.listen).await?;
+    let admin_listener = if overrides.no_admin {
+        None
+    } else {
+        Some(bind("admin.listen", config.admin.listen).await?)
+    };
     let mut sidecar_listeners = Vec::new();
     for (index, sidecar) in config.sidecars.iter().enumerate() {
         sidecar_listeners.push(bind(&format!("sidecars[{index}].listen"), sidecar.listen).await?);
@@ -83,6 +92,7 @@ pub async fn start_with_resolver(
         metrics.clone(),
         store,
         config.clone(),
+        overrides,
     ));
 
     // Proxy and sidecars share one connection budget.
@@ -113,30 +123,42 @@ pub async fn start_with_resolver(
             },
         ));
     }
-    let admin_addr = local_addr(&admin_listener)?;
-    let mut listeners = vec![
-        ("proxy".to_owned(), proxy_addr),
-        ("admin".to_owned(), admin_addr),
-    ];
-    for (addr, sidecar) in sidecar_addrs.iter().zip(&config.sidecars) {
-        // The origin only: a URL may carry credentials.
-        let upstream = sidecar.upstream.origin().ascii_serialization();
-        listeners.push((format!("sidecar → {upstream}"), *addr));
-    }
-    let admin = Arc::new(admin::Admin::new(
-        state.clone(),
-        config,
-        shutdown.clone(),
-        listeners,
-    ));
-    let admission = Admission::new(ADMIN_MAX_CONNECTIONS, Gauge::default(), Counter::default());
-    tokio::spawn(server::accept_loop(
-        admin_listener,
-        shutdown,
-        admission,
-        move |stream, peer, _slot| admin.clone().serve_connection(stream, peer),
-    ));
-    tracing::info!(%proxy_addr, %admin_addr, sidecars = ?sidecar_addrs, "credproxy listening");
+    let admin_addr = match admin_listener {
+        Some(listener) => {
+            let admin_addr = local_addr(&listener)?;
+            let mut listeners = vec![
+                ("proxy".to_owned(), proxy_addr),
+                ("admin".to_owned(), admin_addr),
+            ];
+            for (addr, sidecar) in sidecar_addrs.iter().zip(&config.sidecars) {
+                // The origin only: a URL may carry credentials.
+                let upstream = sidecar.upstream.origin().ascii_serialization();
+                listeners.push((format!("sidecar → {upstream}"), *addr));
+            }
+            let admin = Arc::new(admin::Admin::new(
+                state.clone(),
+                config,
+                shutdown.clone(),
+                listeners,
+            ));
+            let admission =
+                Admission::new(ADMIN_MAX_CONNECTIONS, Gauge::default(), Counter::default());
+            tokio::spawn(server::accept_loop(
+                listener,
+                shutdown,
+                admission,
+                move |stream, peer, _slot| admin.clone().serve_connection(stream, peer),
+            ));
+            Some(admin_addr)
+        }
+        None => None,
+    };
+    tracing::info!(
+        %proxy_addr,
+        admin_addr = admin_addr.map(tracing::field::display),
+        sidecars = ?sidecar_addrs,
+        "credproxy listening"
+    );
     Ok(Running {
         proxy_addr,
         admin_addr,
@@ -148,7 +170,7 @@ pub async fn start_with_resolver(
 
 /// Anyone who can reach an open port could spend the tokens (proxy) or read
 /// and steer them (admin): off loopback, each needs credentials.
-fn refuse_open_listeners(config: &Config) -> Result<(), Error> {
+fn refuse_open_listeners(config: &Config, admin_runs: bool) -> Result<(), Error> {
     let open = |key: &str, addr: SocketAddr, what: &str| ConfigError::Invalid {
         path: config.source.clone(),
         key: key.into(),
@@ -160,7 +182,7 @@ fn refuse_open_listeners(config: &Config) -> Result<(), Error> {
         let key = "proxy.auth (or [[proxy.clients]])";
         return Err(open(key, config.proxy.listen, "proxy.listen").into());
     }
-    if !config.admin.listen.ip().is_loopback() && config.admin.token.is_none() {
+    if admin_runs && !config.admin.listen.ip().is_loopback() && config.admin.token.is_none() {
         return Err(open("admin.token", config.admin.listen, "admin.listen").into());
     }
     Ok(())

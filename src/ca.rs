@@ -293,25 +293,35 @@ fn under(name: &str, subtree: &str) -> bool {
 /// Writes the system's trusted roots plus the local CA to `ca-bundle.pem` beside
 /// the CA certificate, for `SSL_CERT_FILE`, `REQUESTS_CA_BUNDLE`, `CURL_CA_BUNDLE`.
 pub fn write_bundle(ca: &Ca) -> Result<PathBuf, CaError> {
-    let path = ca
-        .cert_path
+    let path = bundle_path(ca);
+    let tmp = path.with_extension("pem.tmp");
+    let write_err = |source| CaError::Write {
+        path: path.clone(),
+        source,
+    };
+    fs::write(&tmp, bundle(ca)).map_err(write_err)?;
+    fs::rename(&tmp, &path).map_err(write_err)?;
+    Ok(path)
+}
+
+/// Where `write_bundle` writes: `ca-bundle.pem` beside the CA certificate.
+pub fn bundle_path(ca: &Ca) -> PathBuf {
+    ca.cert_path
         .parent()
         .unwrap_or(Path::new("."))
-        .join("ca-bundle.pem");
+        .join("ca-bundle.pem")
+}
+
+/// The system's trusted roots plus the local CA, as PEM: what a client needs to
+/// trust both the APIs it reaches directly and credproxy's minted certificates.
+pub fn bundle(ca: &Ca) -> String {
     let mut bundle = String::new();
     for root in crate::tls::system_roots() {
         bundle.push_str(&pem_encode(root));
     }
     bundle.push_str(&format!("# {CA_NAME}\n"));
     bundle.push_str(&ca.cert_pem);
-    let tmp = path.with_extension("pem.tmp");
-    let write_err = |source| CaError::Write {
-        path: path.clone(),
-        source,
-    };
-    fs::write(&tmp, bundle).map_err(write_err)?;
-    fs::rename(&tmp, &path).map_err(write_err)?;
-    Ok(path)
+    bundle
 }
 
 fn pem_encode(der: &[u8]) -> String {

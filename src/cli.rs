@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::client_env::Format;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "credproxy",
@@ -14,6 +16,7 @@ grant, persisting rotated refresh tokens, and injects `Authorization: Bearer` in
 that programs send through it (HTTPS_PROXY=http://127.0.0.1:8080).\n\n\
 First steps:\n  credproxy run              the proxy (see config/credproxy.toml)\n  credproxy check            refresh every integration once and report\n  \
 credproxy token NAME       print NAME's access token for a script\n  \
+credproxy exec -- CMD      run CMD with the proxy and its CA set up for it\n  \
 credproxy authorize NAME   get NAME's first refresh token (browser sign-in)\n  \
 credproxy ca init          create the local CA that clients must trust",
     after_help = "Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad config."
@@ -82,6 +85,32 @@ pub enum Command {
         /// How long to wait for the redirect.
         #[arg(long, default_value = "5m", value_parser = crate::config::duration::parse)]
         timeout: std::time::Duration,
+    },
+    /// Run CMD with credproxy in front of it: the proxy in-process on a free
+    /// loopback port with a one-time password, and HTTPS_PROXY, SSL_CERT_FILE and
+    /// the like set for CMD (see `credproxy env`). Signals are passed on to CMD;
+    /// the exit code is CMD's (128 + N when signal N killed it; 127 when it
+    /// cannot be started).
+    #[command(after_help = "Example: credproxy exec -- curl https://api.example.com/v1/me")]
+    Exec {
+        /// Pass on the environment variables the config reads secrets from
+        /// (by default CMD does not see them).
+        #[arg(long)]
+        keep_env: bool,
+        /// The command and its arguments.
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
+        command: Vec<std::ffi::OsString>,
+    },
+    /// Print the proxy and CA variables for the configured `credproxy run`, for
+    /// `eval "$(credproxy env)"` (sh) or `credproxy env --format fish | source`.
+    Env {
+        #[arg(long, value_enum, default_value_t = Format::Sh)]
+        format: Format,
     },
     /// Manage the local certificate authority that clients trust.
     #[command(subcommand)]

@@ -1,5 +1,5 @@
 //! The one-shot commands: `check`, `token`, `ca init`, `ca bundle`, `state
-//! keygen`, `state rekey`. They return what to print; `main` prints it.
+//! keygen`, `state rekey`, `env`. They return what to print; `main` prints it.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -7,6 +7,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
+use crate::client_env::{self, ClientEnv};
 use crate::config::Config;
 use crate::error::Error;
 use crate::oauth::OAuthClient;
@@ -141,6 +142,29 @@ pub fn state_rekey(config: &Config, new_key_var: &str) -> Result<String, Error> 
         "{}: re-sealed {count} {} under the new key. Now set [state] key to it for every process that shares this store (SIGHUP reloads it); until then they report \"wrong or missing [state] key\" and keep serving their current tokens.",
         config.state.path.display(),
         if count == 1 { "entry" } else { "entries" }
+    ))
+}
+
+/// The proxy and CA variables for the configured `run`: its listener, its
+/// credentials when it has exactly one client (with several, which one is
+/// meant is the caller's to say), the CA bundle (written if missing or made
+/// for another CA).
+pub fn env(config: &Config) -> Result<ClientEnv, Error> {
+    let one_client = match config.proxy.clients.as_slice() {
+        [client] => Some(client),
+        _ => None,
+    };
+    let (ca, _) = ca::load_or_create(&config.ca)?;
+    let bundle = ca::bundle_path(&ca);
+    let current = std::fs::read_to_string(&bundle).is_ok_and(|pem| pem.contains(&ca.cert_pem));
+    if !current {
+        ca::write_bundle(&ca)?;
+    }
+    Ok(ClientEnv::new(
+        &client_env::proxy_url(config.proxy.listen, one_client),
+        &bundle,
+        &ca.cert_path,
+        client_env::inherited_no_proxy().as_deref(),
     ))
 }
 

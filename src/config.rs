@@ -65,6 +65,9 @@ pub struct Config {
     pub routes: Vec<Route>,
     pub sidecars: Vec<Sidecar>,
     pub limits: Limits,
+    /// The environment variables whose values went into secrets (see
+    /// [`is_secret_key`]): `exec` keeps them from its command.
+    pub secret_vars: Vec<String>,
 }
 
 // === impl Config ===
@@ -129,21 +132,47 @@ pub fn parse(
                 .to_owned(),
         }
     });
-    raw.and_then(|raw| Validator { path }.config(raw))
-        .map_err(|error| redact(error, &substituted))
+    let mut config = raw
+        .and_then(|raw| Validator { path }.config(raw))
+        .map_err(|error| redact(error, &substituted))?;
+    // `${file:…}` reads no variable: nothing to keep from a child.
+    config.secret_vars = substituted
+        .into_iter()
+        .filter(|s| is_secret_key(&s.key) && !s.reference.starts_with("file:"))
+        .map(|s| s.reference)
+        .collect();
+    config.secret_vars.sort_unstable();
+    config.secret_vars.dedup();
+    Ok(config)
+}
+
+/// Whether the value at dotted key path `key` is a secret: a client secret,
+/// refresh token, password, admin token, the state key, or a header or query
+/// value a route injects (API keys are written there).
+fn is_secret_key(key: &str) -> bool {
+    let leaf = key.rsplit('.').next().unwrap_or(key);
+    matches!(
+        leaf,
+        "client_secret" | "refresh_token" | "password" | "token"
+    ) || key == "state.key"
+        || (key.starts_with("routes[") && (key.contains(".headers.") || key.contains(".query.")))
 }
 
 /// Errors quote bad values; a value that came from `${VAR}` may be a secret
 /// (a token pasted into the wrong variable), so it is shown by name only.
-fn redact(error: ConfigError, substituted: &[String]) -> ConfigError {
+fn redact(error: ConfigError, substituted: &[expand::Substitution]) -> ConfigError {
     match error {
         ConfigError::Invalid {
             path,
             key,
             mut message,
         } => {
-            for value in substituted.iter().filter(|v| v.len() >= 4) {
-                message = message.replace(value.as_str(), "[value from the environment]");
+            for value in substituted
+                .iter()
+                .map(|s| s.value.as_str())
+                .filter(|v| v.len() >= 4)
+            {
+                message = message.replace(value, "[value from the environment]");
             }
             ConfigError::Invalid { path, key, message }
         }
@@ -199,6 +228,7 @@ impl Validator<'_> {
             integrations,
             routes,
             limits: self.limits(raw.limits)?,
+            secret_vars: Vec::new(),
         })
     }
 
@@ -264,8 +294,8 @@ fn is_loopback_url(url: &Url) -> bool {
 struct RawConfig {
     #[serde(default)]
     proxy: proxy::RawProxy,
-    #[serde(default)]
-    admin: proxy::RawAdmin,
+    /// None when the file has no `[admin]` table.
+    admin: Option<proxy::RawAdmin>,
     #[serde(default)]
     ca: ca::RawCa,
     #[serde(default)]
@@ -438,6 +468,55 @@ upstream = "https://content.dropboxapi.com"
         assert_eq!(config.admin.listen.to_string(), DEFAULT_ADMIN_LISTEN);
         assert_eq!(config.state.path, PathBuf::from(DEFAULT_STATE_PATH));
         assert_eq!(config.proxy.unrouted, Unrouted::Tunnel);
+    }
+
+    #[test]
+    fn admin_is_configured_only_by_an_admin_table() {
+        assert!(parse_text(FULL).unwrap().admin.configured);
+        assert!(!parse_text("").unwrap().admin.configured);
+    }
+
+    #[test]
+    fn secret_vars_are_those_read_into_secrets() {
+        let text = r#"
+[proxy]
+auth = { username = "${PROXY_USER}", password = "${PROXY_PASSWORD}" }
+
+[state]
+path = "${STATE_DIR}/tokens.json"
+key = "${STATE_KEY}"
+
+[admin]
+token = "${ADMIN_TOKEN}"
+
+[integrations.box]
+client_id = "${CLIENT_ID}"
+client_secret = "${SECRET}"
+refresh_url = "https://x.test/token"
+refresh_token = "${REFRESH}"
+
+[[routes]]
+host = "maps.test"
+headers = { X-Api-Key = "${MAPS_KEY}" }
+"#;
+        let config = parse(Path::new("test.toml"), text, &|name| {
+            Some(match name {
+                "STATE_KEY" => format!("{}=", "A".repeat(43)),
+                _ => format!("{name}-value"),
+            })
+        })
+        .unwrap();
+        assert_eq!(
+            config.secret_vars,
+            [
+                "ADMIN_TOKEN",
+                "MAPS_KEY",
+                "PROXY_PASSWORD",
+                "REFRESH",
+                "SECRET",
+                "STATE_KEY"
+            ]
+        );
     }
 
     #[test]

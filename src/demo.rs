@@ -116,8 +116,13 @@ impl DemoWorld {
 
     /// The credproxy config for the demo: local CA and state under the demo
     /// directory, the demo CA trusted upstream, both demo hosts resolved to their
-    /// servers, one integration and one route.
-    pub fn config_toml(&self, proxy_listen: SocketAddr, admin_listen: SocketAddr) -> String {
+    /// servers, one integration and one route; an `[admin]` table only with
+    /// `admin_listen`.
+    pub fn config_toml(
+        &self,
+        proxy_listen: SocketAddr,
+        admin_listen: Option<SocketAddr>,
+    ) -> String {
         let path = |p: PathBuf| toml_string(&p.to_string_lossy());
         let resolve = |host: &str, addr: SocketAddr| {
             format!(
@@ -132,9 +137,7 @@ impl DemoWorld {
              [proxy]\n\
              listen = {proxy_listen}\n\
              \n\
-             [admin]\n\
-             listen = {admin_listen}\n\
-             \n\
+             {admin}\
              [ca]\n\
              cert = {ca_cert}\n\
              key = {ca_key}\n\
@@ -157,7 +160,10 @@ impl DemoWorld {
              host = {api_host}\n\
              integration = \"{INTEGRATION}\"\n",
             proxy_listen = toml_string(&proxy_listen.to_string()),
-            admin_listen = toml_string(&admin_listen.to_string()),
+            admin = admin_listen.map_or_else(String::new, |addr| format!(
+                "[admin]\nlisten = {}\n\n",
+                toml_string(&addr.to_string())
+            )),
             ca_cert = path(self.ca_cert_path()),
             ca_key = path(self.dir.join("certs/ca-key.pem")),
             state = path(self.dir.join("state/tokens.json")),
@@ -457,7 +463,7 @@ mod tests {
         let world = DemoWorld::start(&parent.path().join("run")).await.unwrap();
         let proxy: SocketAddr = "127.0.0.1:18080".parse().unwrap();
         let admin: SocketAddr = "127.0.0.1:19090".parse().unwrap();
-        let text = world.config_toml(proxy, admin);
+        let text = world.config_toml(proxy, Some(admin));
         let config = crate::config::parse(Path::new("demo.toml"), &text, &|_| None)
             .map_err(|e| format!("{e}\n{text}"))
             .unwrap();

@@ -1,5 +1,6 @@
 //! The top-level error and its exit code: 2 for bad usage or a bad config,
-//! 1 for everything that failed at run time.
+//! 127 for a command `exec` cannot start, 1 for everything else that failed
+//! at run time.
 
 use crate::authorize::AuthorizeError;
 use crate::ca::CaError;
@@ -26,6 +27,13 @@ pub enum Error {
     Authorize(#[from] AuthorizeError),
     #[error("{0}")]
     Failed(String),
+    /// `exec`'s command could not be started (not found, not executable).
+    #[error("cannot run {program}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl Error {
@@ -33,6 +41,8 @@ impl Error {
         match self {
             Self::Config(_) | Self::Usage(_) => 2,
             Self::Authorize(error) if error.is_usage() => 2,
+            // As a shell reports a command it cannot run.
+            Self::Spawn { .. } => 127,
             _ => 1,
         }
     }

@@ -3,9 +3,12 @@
 //!
 //! # Layout
 //! Layers, top to bottom; a module imports only from the layers below it.
-//! - `cli`, `commands`, `app`, `demo`: the command line, the one-shot commands,
-//!   `credproxy run` (refreshers, proxy, sidecars and admin listener, graceful
-//!   stop), and the demo OAuth and API servers behind `credproxy demo`.
+//! - `cli`, `commands`, `app`, `exec`, `demo`: the command line, the one-shot
+//!   commands, `credproxy run` (refreshers, proxy, sidecars and admin listener,
+//!   graceful stop), `credproxy exec -- CMD` (the same, on a private port, for
+//!   CMD alone), and the demo OAuth and API servers behind `credproxy demo`.
+//! - `client_env`: the proxy and CA variables a program needs (`exec`, `env`).
+//! - `signals`: SIGINT, SIGTERM and SIGHUP for the long-running commands.
 //! - `admin` (+ `admin/`): health, readiness, integration status, forced refresh,
 //!   metrics, reload, and the HTML status page (`page`, its route `figures` read
 //!   from the metrics text, `status.js`/`status.css`).
@@ -42,11 +45,13 @@ pub mod authorize;
 pub mod body;
 pub mod ca;
 pub mod cli;
+pub mod client_env;
 pub mod commands;
 pub mod config;
 pub mod demo;
 pub mod egress;
 pub mod error;
+pub mod exec;
 pub mod live;
 pub mod metrics;
 pub mod oauth;
@@ -55,6 +60,7 @@ pub mod report;
 pub mod routes;
 pub mod secret;
 pub mod server;
+pub mod signals;
 pub mod state;
 pub mod tls;
 pub mod tokens;

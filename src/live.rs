@@ -3,11 +3,12 @@
 //! `admin` and `app`, so the admin API works on it without reaching up into
 //! the code that starts everything.
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
 
-use crate::config::{self, Config};
+use crate::config::{self, Config, ProxyClient};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::oauth::OAuthClient;
@@ -25,8 +26,32 @@ pub struct State {
     /// The config as started: its file is re-read on reload, and its listeners
     /// and files stay in effect until a restart.
     started: Config,
+    /// Applied to every config this process loads, the reloaded ones too.
+    overrides: Overrides,
     /// One reload at a time (SIGHUP and the admin API may race).
     reloading: Mutex<()>,
+}
+
+/// What `exec` changes in the config it runs: the proxy listens on a port of
+/// its own and accepts only the one-time credentials handed to the child, and
+/// the admin listener runs only when the config file has an `[admin]` table.
+#[derive(Clone, Default)]
+pub struct Overrides {
+    /// The proxy's listener and its one client.
+    pub proxy: Option<(SocketAddr, ProxyClient)>,
+    /// No admin listener.
+    pub no_admin: bool,
+}
+
+// === impl Overrides ===
+
+impl Overrides {
+    pub fn apply(&self, config: &mut Config) {
+        if let Some((listen, client)) = &self.proxy {
+            config.proxy.listen = *listen;
+            config.proxy.clients = vec![client.clone()];
+        }
+    }
 }
 
 // === impl State ===
@@ -39,6 +64,7 @@ impl State {
         metrics: Arc<Metrics>,
         store: Arc<SealedStore>,
         started: Config,
+        overrides: Overrides,
     ) -> Self {
         let refreshers = Mutex::new(tokens.load().spawn_refreshers());
         Self {
@@ -48,6 +74,7 @@ impl State {
             store,
             refreshers,
             started,
+            overrides,
             reloading: Mutex::new(()),
         }
     }
@@ -74,7 +101,8 @@ impl State {
     /// An invalid file changes nothing. Returns the changes that need a restart.
     pub fn reload(&self) -> Result<Vec<String>, Error> {
         let _one_at_a_time = lock(&self.reloading);
-        let new = config::load(&self.started.source)?;
+        let mut new = config::load(&self.started.source)?;
+        self.overrides.apply(&mut new);
         // A new key (the fleet step after `credproxy state rekey`) is taken
         // only if every entry opens with it.
         if new.state.key != self.store.key() {

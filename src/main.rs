@@ -9,7 +9,8 @@ use clap::Parser;
 use credproxy::cli::{CaCommand, Cli, Command, LogFormat, StateCommand};
 use credproxy::error::Error;
 use credproxy::report;
-use credproxy::{app, commands, config};
+use credproxy::signals::{Signal, Signals};
+use credproxy::{app, commands, config, exec};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -46,7 +47,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::Run => {
             let running = app::start(&load()?).await?;
             let mut signals = Signals::new()?;
-            while signals.next().await == Signal::Reload {
+            while signals.next().await == Signal::Hangup {
                 running.state.reload_logged();
             }
             tracing::info!("stopping: letting in-flight requests finish");
@@ -76,6 +77,13 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             manual,
             timeout,
         } => authorize(&load()?, &name, !no_browser, manual, timeout).await,
+        Command::Exec { keep_env, command } => Ok(ExitCode::from(
+            exec::exec(&load()?, &command, keep_env).await?,
+        )),
+        Command::Env { format } => {
+            print!("{}", commands::env(&load()?)?.render(format));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Ca(CaCommand::Init { constrain }) => {
             let (ca, created) = commands::ca_init(&load()?, constrain)?;
             if created {
@@ -120,16 +128,23 @@ async fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> Result<ExitCode, 
     let world = credproxy::demo::DemoWorld::start(dir.path())
         .await
         .map_err(|e| Error::Failed(report::chain(&e)))?;
+    // The file is for `credproxy exec` beside the demo: the same world, no
+    // admin listener of its own.
     let config_path = dir.path().join("credproxy-demo.toml");
+    std::fs::write(&config_path, world.config_toml(listen, None))
+        .map_err(|e| Error::Failed(format!("cannot write {}: {e}", config_path.display())))?;
     let config = config::parse(
         &config_path,
-        &world.config_toml(listen, admin_listen),
+        &world.config_toml(listen, Some(admin_listen)),
         &|_| None,
     )?;
     let running = app::start(&config).await?;
     println!(
         "credproxy demo is running: proxy http://{}, admin http://{}",
-        running.proxy_addr, running.admin_addr
+        running.proxy_addr,
+        running
+            .admin_addr
+            .map_or_else(|| "none".to_owned(), |addr| addr.to_string())
     );
     println!(
         "The demo API answers 401 without a valid token; credproxy adds one. Try, in another terminal:"
@@ -141,9 +156,18 @@ async fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> Result<ExitCode, 
         config.ca.cert.display()
     );
     println!();
+    println!("Or let credproxy set up the proxy, the CA and the variables for one command:");
+    println!();
+    println!(
+        "  {} -c {} exec -- curl https://api.demo.test/hello",
+        std::env::current_exe()
+            .map_or_else(|_| "credproxy".into(), |exe| exe.display().to_string()),
+        config_path.display()
+    );
+    println!();
     println!("Demo tokens expire after 20 s; watch the refreshes below. Ctrl-C stops the demo.");
     let mut signals = Signals::new()?;
-    while signals.next().await == Signal::Reload {
+    while signals.next().await == Signal::Hangup {
         tracing::info!("the demo has no config file to reload");
     }
     running.stop().await;
@@ -227,41 +251,6 @@ fn try_open_browser(url: &str) {
     }
 }
 
-#[derive(PartialEq)]
-enum Signal {
-    Stop,
-    Reload,
-}
-
-/// SIGINT/SIGTERM stop; SIGHUP reloads the config.
-struct Signals {
-    terminate: tokio::signal::unix::Signal,
-    interrupt: tokio::signal::unix::Signal,
-    hangup: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn new() -> Result<Self, Error> {
-        use tokio::signal::unix::{SignalKind, signal};
-        let listen = |kind: SignalKind, name: &str| {
-            signal(kind).map_err(|e| Error::Failed(format!("cannot listen for {name}: {e}")))
-        };
-        Ok(Self {
-            terminate: listen(SignalKind::terminate(), "SIGTERM")?,
-            interrupt: listen(SignalKind::interrupt(), "SIGINT")?,
-            hangup: listen(SignalKind::hangup(), "SIGHUP")?,
-        })
-    }
-
-    async fn next(&mut self) -> Signal {
-        tokio::select! {
-            _ = self.terminate.recv() => Signal::Stop,
-            _ = self.interrupt.recv() => Signal::Stop,
-            _ = self.hangup.recv() => Signal::Reload,
-        }
-    }
-}
-
 /// Logs go to stderr. One-shot commands log errors only: what failed is their
 /// result, printed once; `RUST_LOG` overrides.
 /// Lines are written by a background thread: a request never waits for stderr
@@ -273,9 +262,12 @@ fn init_logging(
 ) -> tracing_appender::non_blocking::WorkerGuard {
     let default = match command {
         Command::Run | Command::Demo { .. } => "info",
+        // Its stderr is the command's too: only what needs attention.
+        Command::Exec { .. } => "warn",
         Command::Check
         | Command::Token { .. }
         | Command::Authorize { .. }
+        | Command::Env { .. }
         | Command::Ca(_)
         | Command::State(_) => "error",
     };

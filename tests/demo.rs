@@ -1,5 +1,6 @@
-//! `credproxy demo`: start it as a user would, run the curl command it prints,
-//! and get the demo API's 200 although curl sends no credentials.
+//! `credproxy demo`: start it as a user would, run the curl command and the
+//! `credproxy exec` command it prints, and get the demo API's 200 although curl
+//! sends no credentials.
 
 use std::time::Duration;
 
@@ -47,6 +48,27 @@ async fn the_printed_curl_command_gets_200_through_the_demo() {
     with_status.extend(["-w", "\n%{http_code}"]);
     let out = client::curl(&with_status, WAIT).await;
     out.success();
+    let (body, status) = out.stdout.rsplit_once('\n').unwrap();
+    assert_eq!(status, "200", "{body}");
+    let json: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(json["message"], "hello from api.demo.test");
+
+    let exec = tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains(" exec -- curl ") {
+                return line;
+            }
+        }
+        panic!("the demo exited without printing an exec command");
+    })
+    .await
+    .expect("the demo printed no exec command in time");
+    let args: Vec<&str> = exec.split_whitespace().collect();
+    assert!(args[0].ends_with("credproxy"), "{exec}");
+    let mut with_status = args[1..].to_vec();
+    with_status.extend(["-sS", "-w", "\n%{http_code}"]);
+    let out = cli::run_in(dir.path(), &with_status, &[], WAIT).await;
+    out.assert_code(0);
     let (body, status) = out.stdout.rsplit_once('\n').unwrap();
     assert_eq!(status, "200", "{body}");
     let json: serde_json::Value = serde_json::from_str(body).unwrap();

@@ -58,3 +58,6 @@ mod status_page;
 
 // Issue 12: secrets at rest — sealed state, secrets from files, key rotation.
 mod sealed_state;
+
+// Issue 15: `credproxy exec -- CMD` and `credproxy env`.
+mod exec;

@@ -14,36 +14,51 @@ pub enum ExpandError {
     File(String, String),
 }
 
+/// One `${…}` replaced: where, what it named, and its value.
+pub struct Substitution {
+    /// The dotted key path, as in errors.
+    pub key: String,
+    /// What was inside `${…}`: a variable name, or `file:PATH`.
+    pub reference: String,
+    pub value: String,
+}
+
 /// Expands `${VAR}` and `${file:PATH}` in every string of `value`, depth first.
 /// `lookup` is the environment (a parameter so tests need not touch the
 /// process environment).
-/// Returns the values substituted (they may be secrets, so errors redact them),
-/// or on failure the dotted key path and the reason.
+/// Returns the substitutions made (the values may be secrets, so errors redact
+/// them), or on failure the dotted key path and the reason.
 pub fn expand_all(
     value: &mut Value,
     lookup: &dyn Fn(&str) -> Option<String>,
-) -> Result<Vec<String>, (String, ExpandError)> {
+) -> Result<Vec<Substitution>, (String, ExpandError)> {
     let mut substituted = Vec::new();
-    let mut recording = |name: &str| {
+    let mut recording = |key: &str, name: &str| {
         let value = match name.strip_prefix("file:") {
             Some(path) => read_file(path)?,
             None => lookup(name).ok_or_else(|| ExpandError::Missing(name.to_owned()))?,
         };
-        substituted.push(value.clone());
+        substituted.push(Substitution {
+            key: key.to_owned(),
+            reference: name.to_owned(),
+            value: value.clone(),
+        });
         Ok(value)
     };
     walk(value, &mut String::new(), &mut recording)?;
     Ok(substituted)
 }
 
+/// `lookup` gets the key path and the reference.
 fn walk(
     value: &mut Value,
     path: &mut String,
-    lookup: &mut dyn FnMut(&str) -> Result<String, ExpandError>,
+    lookup: &mut dyn FnMut(&str, &str) -> Result<String, ExpandError>,
 ) -> Result<(), (String, ExpandError)> {
     match value {
         Value::String(s) if s.contains("${") => {
-            *s = expand(s, lookup).map_err(|e| (path.clone(), e))?;
+            let key = path.as_str();
+            *s = expand(s, &mut |name| lookup(key, name)).map_err(|e| (path.clone(), e))?;
         }
         Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
@@ -169,7 +184,7 @@ mod tests {
     fn error_names_the_key_path() {
         let mut value: Value =
             toml::from_str("[integrations.box]\nclient_id = \"${NOPE}\"").unwrap();
-        let (path, _) = expand_all(&mut value, &env).unwrap_err();
+        let (path, _) = expand_all(&mut value, &env).err().unwrap();
         assert_eq!(path, "integrations.box.client_id");
     }
 }

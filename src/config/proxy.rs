@@ -62,6 +62,8 @@ impl ProxyClient {
 pub struct AdminConfig {
     pub listen: SocketAddr,
     pub token: Option<Secret>,
+    /// The file has an `[admin]` table: `exec` runs an admin listener only then.
+    pub configured: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -256,7 +258,9 @@ impl Validator<'_> {
         Ok(policy)
     }
 
-    pub(super) fn admin(&self, raw: RawAdmin) -> Result<AdminConfig, ConfigError> {
+    pub(super) fn admin(&self, raw: Option<RawAdmin>) -> Result<AdminConfig, ConfigError> {
+        let configured = raw.is_some();
+        let raw = raw.unwrap_or_default();
         Ok(AdminConfig {
             listen: self.socket_addr(
                 "admin.listen",
@@ -264,6 +268,7 @@ impl Validator<'_> {
                 DEFAULT_ADMIN_LISTEN,
             )?,
             token: raw.token.map(Secret::new),
+            configured,
         })
     }
 }

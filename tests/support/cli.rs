@@ -17,7 +17,7 @@ pub const RUN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Variables that would change what the binary does behind the test's back
 /// (a proxy for its refresh calls, another config, other trust roots, log noise).
-const SCRUBBED_ENV: &[&str] = &[
+pub const SCRUBBED_ENV: &[&str] = &[
     "HTTP_PROXY",
     "HTTPS_PROXY",
     "ALL_PROXY",
@@ -307,12 +307,17 @@ pub fn spawn(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Child {
 
 /// Sends SIGTERM (via kill(1), to keep tests free of `unsafe`).
 pub fn terminate(child: &Child) {
+    signal(child, "TERM");
+}
+
+/// Sends signal `name` (`"TERM"`, `"INT"`, `"HUP"`) via kill(1).
+pub fn signal(child: &Child, name: &str) {
     let pid = child.id().expect("child has not been reaped yet");
     let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
+        .args([&format!("-{name}"), &pid.to_string()])
         .status()
         .expect("running kill(1)");
-    assert!(status.success(), "kill -TERM {pid} failed: {status}");
+    assert!(status.success(), "kill -{name} {pid} failed: {status}");
 }
 
 // === leak checks ===

@@ -96,8 +96,12 @@ impl Setup {
         resolver: Arc<dyn credproxy::proxy::dial::Resolve>,
     ) -> InProcess {
         let config = self.config(options).load(&self.dir);
-        let proxy =
-            InProcess::start_with(credproxy::app::start_with_resolver(&config, resolver)).await;
+        let proxy = InProcess::start_with(credproxy::app::start_with(
+            &config,
+            Default::default(),
+            resolver,
+        ))
+        .await;
         proxy.wait_for_generation(1).await;
         proxy
     }
@@ -175,7 +179,8 @@ pub struct ProxyOptions {
     response_timeout: Option<String>,
     /// Added to (and overriding) the default `upstream.resolve` entries.
     resolve: BTreeMap<String, SocketAddr>,
-    admin_listen: String,
+    /// None: no `[admin]` table.
+    admin_listen: Option<String>,
     admin_token: Option<String>,
     /// More `[proxy]` entries: key and TOML value.
     proxy: Vec<(String, String)>,
@@ -204,7 +209,7 @@ impl Default for ProxyOptions {
             connect_timeout: "2s".to_owned(),
             response_timeout: None,
             resolve: BTreeMap::new(),
-            admin_listen: "127.0.0.1:0".to_owned(),
+            admin_listen: Some("127.0.0.1:0".to_owned()),
             admin_token: None,
             proxy: Vec::new(),
             limits: Vec::new(),
@@ -254,7 +259,13 @@ impl ProxyOptions {
 
     /// `admin.listen`
     pub fn admin_listen(mut self, listen: &str) -> Self {
-        listen.clone_into(&mut self.admin_listen);
+        self.admin_listen = Some(listen.to_owned());
+        self
+    }
+
+    /// No `[admin]` table (`run` then listens on the default address; `exec` on none).
+    pub fn no_admin(mut self) -> Self {
+        self.admin_listen = None;
         self
     }
 
@@ -351,9 +362,11 @@ impl ProxyOptions {
         for (key, value) in &self.proxy {
             out.push_str(&format!("{key} = {value}\n"));
         }
-        out.push_str(&format!("\n[admin]\nlisten = {}\n", s(&self.admin_listen)));
-        if let Some(token) = &self.admin_token {
-            out.push_str(&format!("token = {}\n", s(token)));
+        if let Some(listen) = &self.admin_listen {
+            out.push_str(&format!("\n[admin]\nlisten = {}\n", s(listen)));
+            if let Some(token) = &self.admin_token {
+                out.push_str(&format!("token = {}\n", s(token)));
+            }
         }
         out.push_str("\n[upstream]\n");
         let extra_ca = setup.dir.test_ca_path();
@@ -445,7 +458,9 @@ impl InProcess {
             });
         Self {
             proxy_addr: running.proxy_addr,
-            admin_addr: running.admin_addr,
+            admin_addr: running
+                .admin_addr
+                .expect("`run` always has an admin listener"),
             sidecar_addrs: running.sidecar_addrs.clone(),
             running: Some(running),
         }
