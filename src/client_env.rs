@@ -73,16 +73,10 @@ impl ClientEnv {
     /// The variables as `format` source text, one per line (JSON: one object).
     pub fn render(&self, format: Format) -> String {
         match format {
-            Format::Sh => self
-                .vars
-                .iter()
-                .map(|(name, value)| format!("export {name}={}\n", sh_quote(value)))
-                .collect(),
-            Format::Fish => self
-                .vars
-                .iter()
-                .map(|(name, value)| format!("set -gx {name} {}\n", fish_quote(value)))
-                .collect(),
+            Format::Sh => self.lines(|name, value| format!("export {name}={}", sh_quote(value))),
+            Format::Fish => {
+                self.lines(|name, value| format!("set -gx {name} {}", fish_quote(value)))
+            }
             Format::Json => {
                 let object: serde_json::Map<String, serde_json::Value> = self
                     .vars
@@ -92,6 +86,14 @@ impl ClientEnv {
                 format!("{}\n", serde_json::Value::Object(object))
             }
         }
+    }
+
+    /// One line per variable.
+    fn lines(&self, line: impl Fn(&str, &str) -> String) -> String {
+        self.vars
+            .iter()
+            .map(|(name, value)| line(name, value) + "\n")
+            .collect()
     }
 }
 

@@ -31,14 +31,8 @@ const SPEC_VARS: [&str; 14] = [
     "NODE_EXTRA_CA_CERTS",
     "NODE_USE_ENV_PROXY",
 ];
-const BUNDLE_VARS: [&str; 6] = [
-    "SSL_CERT_FILE",
-    "REQUESTS_CA_BUNDLE",
-    "CURL_CA_BUNDLE",
-    "GIT_SSL_CAINFO",
-    "AWS_CA_BUNDLE",
-    "PIP_CERT",
-];
+/// The ones that name the CA bundle.
+const BUNDLE_VARS: &[&str] = SPEC_VARS.split_at(6).1.split_at(6).0;
 const REFRESH_TOKEN_VAR: &str = "TEST_REFRESH_TOKEN";
 const API_KEY_VAR: &str = "TEST_API_KEY";
 /// Not a secret: `exec` passes it on.
@@ -220,7 +214,7 @@ async fn the_child_gets_every_variable_and_no_secret() {
         bundle.starts_with(fx.tmp.path().to_str().unwrap()),
         "{bundle}"
     );
-    for name in BUNDLE_VARS {
+    for &name in BUNDLE_VARS {
         assert_eq!(&env[name], bundle, "{name}");
     }
     assert_eq!(
@@ -429,33 +423,6 @@ async fn a_configured_admin_listener_runs_beside_the_command() {
 
 // === env ===
 
-/// A program (bash, fish) run with the test's scrubbed environment plus `env`.
-async fn shell(program: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut command = Command::new(program);
-    command
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for var in cli::SCRUBBED_ENV {
-        command.env_remove(var);
-    }
-    command.envs(env.iter().copied());
-    let child = command
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawning {program} (is it installed?): {e}"));
-    let output = tokio::time::timeout(RUN_TIMEOUT, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("{program} did not finish in time"))
-        .expect("waiting for the shell");
-    Output {
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn env_prints_the_variables_of_the_configured_run() {
     let setup = Setup::start().await;
@@ -475,16 +442,17 @@ async fn env_prints_the_variables_of_the_configured_run() {
         ("CONFIG", config.as_str()),
     ]);
 
+    // `eval "$(credproxy env)"` in bash, then `script`.
+    let bash_after_env = |script: String| {
+        let env = env.clone();
+        async move {
+            let script = format!(r#"eval "$("$CREDPROXY" env -c "$CONFIG")" && {script}"#);
+            cli::run_program("bash", &["-c", &script], &env).await
+        }
+    };
+
     // sh: eval'd by bash, then curl goes through the running proxy.
-    let sh = shell(
-        "bash",
-        &[
-            "-c",
-            &format!(r#"eval "$("$CREDPROXY" env -c "$CONFIG")" && {CURL_API}"#),
-        ],
-        &env,
-    )
-    .await;
+    let sh = bash_after_env(CURL_API.to_owned()).await;
     sh.assert_code(0);
     assert_eq!(sh.stdout, "200");
     assert_api_saw_current_token(&setup);
@@ -506,15 +474,7 @@ async fn env_prints_the_variables_of_the_configured_run() {
         .map(|name| format!(r#"printf '%s=%s\n' {name} "${name}""#))
         .collect::<Vec<_>>()
         .join("; ");
-    let from_sh = shell(
-        "bash",
-        &[
-            "-c",
-            &format!(r#"eval "$("$CREDPROXY" env -c "$CONFIG")" && {print_all}"#),
-        ],
-        &env,
-    )
-    .await;
+    let from_sh = bash_after_env(print_all).await;
     from_sh.assert_code(0);
     assert_eq!(parse_env(&from_sh.stdout), json);
     let url = &json["HTTPS_PROXY"];
@@ -536,7 +496,7 @@ async fn env_prints_the_variables_of_the_configured_run() {
     fish.assert_code(0);
     std::fs::write(&fish_file, &fish.stdout).expect("writing env.fish");
     let fish_file = fish_file.to_str().expect("UTF-8 path");
-    shell("fish", &["--no-config", "-n", fish_file], &[])
+    cli::run_program("fish", &["--no-config", "-n", fish_file], &[])
         .await
         .assert_code(0);
     let fish_print = names
@@ -544,7 +504,7 @@ async fn env_prints_the_variables_of_the_configured_run() {
         .map(|name| format!("printf '%s=%s\\n' {name} ${name}"))
         .collect::<Vec<_>>()
         .join("; ");
-    let from_fish = shell(
+    let from_fish = cli::run_program(
         "fish",
         &[
             "--no-config",

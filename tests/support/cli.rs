@@ -251,9 +251,25 @@ impl Output {
 /// A configured but unstarted command: scrubbed env plus `env`, piped output, killed on
 /// drop so a failing test leaves no process behind.
 pub fn command(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(bin());
+    let mut cmd = program_command(bin().as_os_str(), args, env);
+    cmd.current_dir(cwd);
+    cmd
+}
+
+/// Runs another program (a shell, a client) to completion with the same scrubbed
+/// environment plus `env`, bounded; its output is scanned for test secrets too.
+pub async fn run_program(program: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let child = program_command(program.as_ref(), args, env)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {program} (is it installed?): {e}"));
+    tokio::time::timeout(RUN_TIMEOUT, collect(child, args))
+        .await
+        .unwrap_or_else(|_| panic!("{program} {args:?} did not exit within {RUN_TIMEOUT:?}"))
+}
+
+fn program_command(program: &std::ffi::OsStr, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(program);
     cmd.args(args)
-        .current_dir(cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
