@@ -1,6 +1,7 @@
 //! Accept loops and graceful shutdown shared by the proxy and admin listeners.
 
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::metrics::GaugeGuard;
@@ -114,6 +116,7 @@ pub async fn accept_loop<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut stop = shutdown.signal();
+    let mut exhausted = Exhausted::new(listener.local_addr().ok());
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -129,16 +132,80 @@ pub async fn accept_loop<F, Fut>(
                     }
                     None => refuse(stream, &admission),
                 },
+                Err(error) if Exhausted::applies(&error) => {
+                    exhausted.refuse_one(&listener, &error).await;
+                }
                 Err(error) => {
-                    // Out of file descriptors and the like: back off briefly
-                    // instead of spinning on a failing accept.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // A connection that failed before it was accepted (reset
+                    // in the backlog): nothing to do but wait for the next.
+                    tracing::debug!(%error, "accept failed");
                 }
             },
             () = stopped(&mut stop) => return,
         }
     }
+}
+
+/// What the accept loop does when the process is out of file descriptors or
+/// memory: the pending connection would sit in the backlog and `accept` would
+/// fail again at once, a busy loop. So it frees a descriptor kept in reserve,
+/// accepts that connection and closes it (the client sees it refused rather
+/// than hanging), backs off briefly, and logs at most once a second with a
+/// count. As soon as descriptors are free again, accepting simply works.
+struct Exhausted {
+    listener: Option<SocketAddr>,
+    /// A descriptor held back for refusing connections when none is left.
+    spare: Option<std::fs::File>,
+    refused: u64,
+    last_log: Option<Instant>,
+}
+
+/// Between refusals while exhausted, so the loop never spins.
+const EXHAUSTED_BACKOFF: Duration = Duration::from_millis(20);
+const EXHAUSTED_LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Exhausted {
+    fn new(listener: Option<SocketAddr>) -> Self {
+        Self {
+            listener,
+            spare: reserve(),
+            refused: 0,
+            last_log: None,
+        }
+    }
+
+    fn applies(error: &io::Error) -> bool {
+        matches!(
+            error.raw_os_error(),
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+        )
+    }
+
+    async fn refuse_one(&mut self, listener: &TcpListener, error: &io::Error) {
+        // Free the reserve, take the waiting connection with it, close both.
+        self.spare = None;
+        if let Ok(Ok((stream, _))) =
+            tokio::time::timeout(EXHAUSTED_BACKOFF, listener.accept()).await
+        {
+            drop(stream);
+            self.refused += 1;
+        }
+        self.spare = reserve();
+        let due = self
+            .last_log
+            .is_none_or(|at| at.elapsed() >= EXHAUSTED_LOG_INTERVAL);
+        if due {
+            let listener = self.listener.map(|a| a.to_string()).unwrap_or_default();
+            tracing::warn!(%listener, %error, refused = self.refused, "out of file descriptors or memory: refusing connections");
+            self.refused = 0;
+            self.last_log = Some(Instant::now());
+        }
+        tokio::time::sleep(EXHAUSTED_BACKOFF).await;
+    }
+}
+
+fn reserve() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null").ok()
 }
 
 /// Tells an HTTP client why (best effort, never blocking) and closes.

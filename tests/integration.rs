@@ -61,3 +61,7 @@ mod sealed_state;
 
 // Issue 15: `credproxy exec -- CMD` and `credproxy env`.
 mod exec;
+
+// Issue 11: upstream connections: resends, visible causes, no spinning on EMFILE.
+mod upstream_errors;
+mod upstream_exhausted;

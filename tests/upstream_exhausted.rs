@@ -1,0 +1,99 @@
+//! Issue 11: `credproxy run` out of file descriptors (`RLIMIT_NOFILE` 128, 300
+//! connection attempts) refuses connections without spinning, logs that at most once a
+//! second, and serves again as soon as descriptors are free.
+
+use std::time::Duration;
+
+use http::StatusCode;
+use tokio::net::TcpStream;
+
+use crate::support::client;
+use crate::support::proxy::{ProxyOptions, Setup};
+use crate::support::wait;
+
+const NOFILE: u64 = 128;
+const ATTEMPTS: usize = 300;
+/// The CPU time credproxy used is measured over this long while exhausted.
+const WINDOW: Duration = Duration::from_secs(2);
+const EXHAUSTED: &str = "out of file descriptors or memory";
+
+/// Sets `pid`'s soft and hard `RLIMIT_NOFILE`.
+pub fn limit_files(pid: u32, limit: u64) {
+    let limit = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    let pid = libc::pid_t::try_from(pid).unwrap();
+    // SAFETY: prlimit reads `limit` and writes nothing (null old limit).
+    let result = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &limit, std::ptr::null_mut()) };
+    assert_eq!(result, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+/// User plus system CPU time of `pid`, in clock ticks (fields 14 and 15 of /proc/PID/stat).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // After the name, field 3 (state) is index 0: utime (14) is 11, stime (15) is 12.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+fn open_files(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_refuses_without_spinning_and_recovers() {
+    let setup = Setup::start().await;
+    let proxy = setup.spawn_proxy(&ProxyOptions::default()).await;
+    let pid = proxy.pid();
+    limit_files(pid, NOFILE);
+
+    let mut held = Vec::new();
+    for _ in 0..ATTEMPTS {
+        // The kernel completes the handshake from the listen backlog; credproxy may
+        // then accept, or refuse (close) the connection.
+        if let Ok(stream) = TcpStream::connect(proxy.proxy_addr).await {
+            held.push(stream);
+        }
+    }
+    proxy.wait_for_log(EXHAUSTED).await;
+
+    let ticks_per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap();
+    let before = cpu_ticks(pid);
+    // A measuring window, not a wait for an event.
+    tokio::time::sleep(WINDOW).await;
+    let used = cpu_ticks(pid) - before;
+    let budget = ticks_per_second * WINDOW.as_secs() / 5;
+    println!(
+        "credproxy used {used} of {} clock ticks (budget {budget}) while out of descriptors",
+        ticks_per_second * WINDOW.as_secs()
+    );
+    assert!(
+        used <= budget,
+        "credproxy spun: {used} ticks of CPU in {WINDOW:?} (at most {budget})"
+    );
+
+    drop(held);
+    wait::until("credproxy closed the released connections", || {
+        open_files(pid) < usize::try_from(NOFILE).unwrap() / 2
+    })
+    .await;
+    let answer = client::proxy_get(proxy.proxy_addr, "http://api.test/echo", &[]).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    let health = client::reqwest_direct()
+        .get(format!("http://{}/healthz", proxy.admin_addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+
+    let exit = proxy.stop().await;
+    let lines = exit.log.lines().filter(|l| l.contains(EXHAUSTED)).count();
+    // At most one a second, and the whole episode lasted seconds.
+    assert!(
+        (1..=10).contains(&lines),
+        "{lines} lines about running out:\n{}",
+        exit.log
+    );
+}
