@@ -65,3 +65,4 @@ mod exec;
 // Issue 11: upstream connections: resends, visible causes, no spinning on EMFILE.
 mod upstream_errors;
 mod upstream_exhausted;
+mod upstream_resend;

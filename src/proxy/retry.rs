@@ -25,8 +25,8 @@ pub struct Outgoing {
     pub uri: Uri,
     pub headers: HeaderMap,
     pub body: RequestBody,
-    /// The one resend for a connection failure is spent.
-    pub resent_for_connection: bool,
+    /// Resends so far after connection failures.
+    pub connection_resends: u8,
 }
 
 /// A request body as the proxy holds it: kept (replayable) or streaming (once).
@@ -42,7 +42,7 @@ impl Outgoing {
             uri,
             headers,
             body,
-            resent_for_connection: false,
+            connection_resends: 0,
         }
     }
 

@@ -65,7 +65,9 @@ impl Upstream {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let key = Key::of(&outgoing.uri)?;
         let mut request = outgoing.build(injected);
-        let mut fresh = false;
+        // An HTTP/1.1 connection that sat idle may be closing as a request is
+        // written to it: only a request that may be resent rides on one.
+        let mut fresh = !failure::idempotent(&outgoing.method);
         loop {
             let lease = self.pool.checkout(&key, fresh).await?;
             let reused = lease.reused;
@@ -75,14 +77,14 @@ impl Upstream {
                 Err(Failed::Connection { error, unsent }) => (error, unsent),
             };
             let reason = failure::retry_reason(&error, unsent.is_some(), &outgoing.method, reused)
-                .filter(|_| !outgoing.resent_for_connection);
+                .filter(|reason| failure::may_resend(*reason, outgoing.connection_resends));
             request = match (reason, unsent) {
                 (Some(_), Some(unsent)) => *unsent,
                 (Some(_), None) if outgoing.body.is_replayable() => outgoing.build(injected),
                 _ => return Err(connection_error(&key, &error)),
             };
             if let Some(reason) = reason {
-                outgoing.resent_for_connection = true;
+                outgoing.connection_resends += 1;
                 metrics.retried(reason);
                 tracing::debug!(upstream = %key, reason = reason.as_str(), error = %crate::report::chain(&error), "resending on a fresh connection");
             }

@@ -34,7 +34,23 @@ pub fn retry_reason(
         .then_some(RetryReason::ClosedBeforeResponse)
 }
 
-fn idempotent(method: &Method) -> bool {
+/// Resends after connection failures, per request, at most: the fresh
+/// connection a resend rides on may itself be GOAWAY'd before it takes the
+/// stream (an upstream that rotates connections every few streams), and a
+/// request the upstream never processed may safely go again.
+const MAX_UNPROCESSED_RESENDS: u8 = 2;
+
+/// Whether a request already resent `resends` times may go again for `reason`:
+/// what the upstream provably did not process, up to twice; an idempotent
+/// request that may have been processed, only as the first resend.
+pub fn may_resend(reason: RetryReason, resends: u8) -> bool {
+    match reason {
+        RetryReason::ClosedBeforeResponse => resends == 0,
+        _ => resends < MAX_UNPROCESSED_RESENDS,
+    }
+}
+
+pub fn idempotent(method: &Method) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
