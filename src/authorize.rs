@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::body::{self, ProxyBody};
-use crate::config::{Config, IntegrationConfig};
+use crate::config::{Config, Grant, IntegrationConfig, RefreshTokenGrant};
 use crate::oauth::OAuthClient;
 use crate::secret::Secret;
 use crate::state::{self, Entry, StateError, StateStore};
@@ -85,6 +85,8 @@ impl AuthorizeError {
 /// One authorization in progress.
 pub struct Flow {
     integration: IntegrationConfig,
+    /// The integration's grant: authorization yields refresh tokens.
+    grant: RefreshTokenGrant,
     state: Secret,
     verifier: Secret,
     url: Url,
@@ -101,7 +103,14 @@ impl Flow {
                 ))
             })?
             .clone();
-        let Some(authorize_url) = &integration.authorize_url else {
+        let Grant::RefreshToken(grant) = integration.grant.clone() else {
+            return Err(AuthorizeError::Usage(format!(
+                "{}: integrations.{name} uses grant {:?}, which obtains its tokens by itself; `credproxy authorize` is for grant \"refresh_token\"",
+                config.source.display(),
+                integration.grant.kind()
+            )));
+        };
+        let Some(authorize_url) = &grant.authorize_url else {
             return Err(AuthorizeError::Usage(format!(
                 "{}: integrations.{name}.authorize_url is not set (e.g. \"https://www.dropbox.com/oauth2/authorize\")",
                 config.source.display()
@@ -117,24 +126,30 @@ impl Flow {
             let mut query = url.query_pairs_mut();
             query
                 .append_pair("response_type", "code")
-                .append_pair("client_id", &integration.client_id)
-                .append_pair("redirect_uri", integration.redirect_uri.as_str())
+                .append_pair("client_id", &grant.client.client_id)
+                .append_pair("redirect_uri", grant.redirect_uri.as_str())
                 .append_pair("state", state.expose())
                 .append_pair("code_challenge", &challenge)
                 .append_pair("code_challenge_method", "S256");
             if let Some(scope) = &integration.scope {
                 query.append_pair("scope", scope);
             }
-            for (key, value) in &integration.extra_authorize_params {
+            for (key, value) in &grant.extra_authorize_params {
                 query.append_pair(key, value);
             }
         }
         Ok(Self {
             integration,
+            grant,
             state,
             verifier,
             url,
         })
+    }
+
+    /// Where the browser is sent back to.
+    pub fn redirect_uri(&self) -> &Url {
+        &self.grant.redirect_uri
     }
 
     /// The URL to open in a browser. Holds no secret: the PKCE verifier stays here.
@@ -144,7 +159,7 @@ impl Flow {
 
     /// Binds the loopback redirect address; do this before showing the URL.
     pub async fn listen(&self) -> Result<TcpListener, AuthorizeError> {
-        let redirect = &self.integration.redirect_uri;
+        let redirect = &self.grant.redirect_uri;
         let addr = format!(
             "{}:{}",
             redirect
@@ -174,7 +189,7 @@ impl Flow {
         let expected = Arc::new(Expected {
             integration: self.integration.name.clone(),
             state: self.state.clone(),
-            path: self.integration.redirect_uri.path().to_owned(),
+            path: self.grant.redirect_uri.path().to_owned(),
         });
         let accept = async {
             loop {
@@ -238,7 +253,7 @@ impl Flow {
         Expected {
             integration: self.integration.name.clone(),
             state: self.state.clone(),
-            path: self.integration.redirect_uri.path().to_owned(),
+            path: self.grant.redirect_uri.path().to_owned(),
         }
     }
 
@@ -254,7 +269,7 @@ impl Flow {
         let store = state::open(&config.state.path, config.state.key.as_ref())?;
         let client = OAuthClient::new(&config.upstream)?;
         let response = client
-            .exchange_code(&self.integration, code, &self.verifier)
+            .exchange_code(&self.integration.name, &self.grant, code, &self.verifier)
             .await
             .map_err(RefreshError::from)?;
         let Some(refresh_token) = response.refresh_token else {
@@ -268,18 +283,14 @@ impl Flow {
                 .expires_in
                 .unwrap_or(self.integration.default_expires_in);
         let entry = Entry {
-            refresh_token,
+            refresh_token: Some(refresh_token),
             access_token: Some(response.access_token),
             token_type: Some(response.token_type),
             expires_at: Some(expires_at),
             scope: self.integration.scope.clone(),
             // Tied to the config's refresh token, if it still has one, so this
             // new chain is the one used rather than the config's.
-            seed_fingerprint: self
-                .integration
-                .refresh_token
-                .as_ref()
-                .map(state::fingerprint),
+            seed_fingerprint: self.grant.refresh_token.as_ref().map(state::fingerprint),
             updated_at: now,
             sealed: false,
         };

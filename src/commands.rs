@@ -50,6 +50,9 @@ pub async fn check(config: &Config) -> Result<CheckReport, Error> {
         .map(|((_, outcome), integration)| {
             let name = integration.name();
             match outcome {
+                Ok(snapshot) if snapshot.expires_at == tokens::NEVER => {
+                    format!("{name}: ok, static token (never expires)")
+                }
                 Ok(snapshot) => format!(
                     "{name}: ok, expires in {}",
                     human_duration(snapshot.expires_at - OffsetDateTime::now_utc())

@@ -26,7 +26,10 @@ use reqwest::Url;
 use serde::Deserialize;
 
 pub use ca::CaConfig;
-pub use integration::{ClientAuth, IntegrationConfig, RequestFormat};
+pub use integration::{
+    Client, ClientAuth, ClientCredentials, GithubApp, Grant, IntegrationConfig, JwtBearer,
+    RefreshTokenGrant, RequestFormat, StaticToken,
+};
 pub use limits::Limits;
 pub use proxy::{AdminConfig, ClientRoutes, ProxyClient, ProxyConfig, Unrouted};
 pub use routes::{Route, Sidecar};
@@ -382,12 +385,15 @@ upstream = "https://content.dropboxapi.com"
         assert_eq!(config.proxy.listen, "127.0.0.1:8081".parse().unwrap());
         assert_eq!(config.proxy.unrouted, Unrouted::Deny);
         let dropbox = config.integration("dropbox").unwrap();
-        assert_eq!(dropbox.client_secret.expose(), "cs-SECRET");
-        assert_eq!(dropbox.request_format, RequestFormat::Json);
-        assert_eq!(dropbox.client_auth, ClientAuth::Body);
+        let Grant::RefreshToken(grant) = &dropbox.grant else {
+            unreachable!("refresh_token is the default grant")
+        };
+        assert_eq!(grant.client.client_secret.expose(), "cs-SECRET");
+        assert_eq!(grant.client.request_format, RequestFormat::Json);
+        assert_eq!(grant.client.client_auth, ClientAuth::Body);
         assert_eq!(dropbox.refresh_skew, Duration::from_secs(90));
         assert_eq!(dropbox.default_expires_in, Duration::from_secs(4 * 3600));
-        assert_eq!(dropbox.redirect_uri.as_str(), DEFAULT_REDIRECT_URI);
+        assert_eq!(grant.redirect_uri.as_str(), DEFAULT_REDIRECT_URI);
         assert_eq!(config.routes[0].headers.len(), 2);
         assert_eq!(config.routes[1].integration.as_deref(), Some("dropbox"));
         assert!(!config.routes[1].upstream_tls);
@@ -439,7 +445,13 @@ upstream = "https://content.dropboxapi.com"
         let config = parse_text(&toml).unwrap();
         assert_eq!(config.state.key, Some(key));
         let dropbox = config.integration("dropbox").unwrap();
-        assert_eq!(dropbox.client_secret.expose(), "dropbox-app-secret-value");
+        let Grant::RefreshToken(grant) = &dropbox.grant else {
+            unreachable!("refresh_token is the default grant")
+        };
+        assert_eq!(
+            grant.client.client_secret.expose(),
+            "dropbox-app-secret-value"
+        );
     }
 
     #[test]

@@ -486,11 +486,17 @@ mod tests {
             Some(world.oauth_addr())
         );
         let demo = config.integration(INTEGRATION).unwrap();
-        assert_eq!(demo.client_id, CLIENT_ID);
-        assert_eq!(demo.client_secret, *world.provider.client_secret());
-        assert_eq!(demo.refresh_url.as_str(), "https://oauth.demo.test/token");
+        let crate::config::Grant::RefreshToken(grant) = &demo.grant else {
+            unreachable!("the demo uses the refresh_token grant")
+        };
+        assert_eq!(grant.client.client_id, CLIENT_ID);
+        assert_eq!(grant.client.client_secret, *world.provider.client_secret());
         assert_eq!(
-            demo.refresh_token.as_ref(),
+            grant.client.token_url.as_str(),
+            "https://oauth.demo.test/token"
+        );
+        assert_eq!(
+            grant.refresh_token.as_ref(),
             Some(&world.initial_refresh_token)
         );
         assert_eq!(demo.refresh_skew, std::time::Duration::from_secs(5));

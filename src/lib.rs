@@ -24,16 +24,19 @@
 //! - `metrics`: Prometheus counters, histograms and gauges.
 //! - `tokens` (+ `tokens/`): per-integration `ArcSwap` token, single-flight refresh,
 //!   the background refresher and its pure schedule.
-//! - `oauth`: one refresh_token exchange with a token endpoint.
+//! - `oauth` (+ `oauth/`): one token request by the integration's grant
+//!   (refresh_token, client_credentials, jwt_bearer assertions, GitHub App
+//!   installation tokens, static).
 //! - `state` (+ `state/seal`, `state/sealed`): the state file (atomic writes, 0600,
 //!   cross-process lock), and the AES-256-GCM sealing of every stored token under
 //!   `[state] key`, wrapped around the store.
 //! - `tls`: the crypto provider and root store for outbound TLS.
 //! - `config` (+ `config/`): the TOML file, validated; one file per section
 //!   (proxy, upstream, integration, routes, state, ca, limits), `${VAR}` and
-//!   `${file:PATH}`, durations, header templates.
+//!   `${file:PATH}`, durations, header and query templates.
 //! - `egress`: where unrouted traffic may go (`proxy.allow`, `proxy.block`); pure.
 //! - `routes`: host → route lookup.
+//! - `jws`: private keys parsed from PEM; compact JWS signatures (RS256, ES256).
 //! - `secret`: the redacting types every token, client secret and the state key
 //!   live in.
 //! - `body`: the one HTTP body type every listener and client uses.
@@ -52,6 +55,7 @@ pub mod demo;
 pub mod egress;
 pub mod error;
 pub mod exec;
+pub mod jws;
 pub mod live;
 pub mod metrics;
 pub mod oauth;

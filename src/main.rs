@@ -214,10 +214,7 @@ async fn authorize(
         println!(
             "Waiting up to {} for the redirect to {} …",
             commands::human_duration(timeout.try_into().unwrap_or_default()),
-            config
-                .integration(name)
-                .map(|i| i.redirect_uri.to_string())
-                .unwrap_or_default()
+            flow.redirect_uri()
         );
         flow.wait_for_redirect(listener, timeout).await?
     };

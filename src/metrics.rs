@@ -315,6 +315,12 @@ struct IntegrationLabels {
     integration: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GrantLabels {
+    integration: String,
+    grant: &'static str,
+}
+
 impl Collector for TokenCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let tokens = self.tokens.load();
@@ -339,6 +345,23 @@ impl Collector for TokenCollector {
                 };
                 ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
             }
+        }
+
+        // The Prometheus "info" idiom: join on `integration` to break any
+        // series down by grant.
+        let info = ConstGauge::new(1i64);
+        let mut family = encoder.encode_descriptor(
+            "integration_info",
+            "1 per integration, labelled with how its tokens are obtained",
+            None,
+            info.metric_type(),
+        )?;
+        for status in &statuses {
+            let labels = GrantLabels {
+                integration: status.name.clone(),
+                grant: status.grant,
+            };
+            ConstGauge::new(1i64).encode(family.encode_family(&labels)?)?;
         }
 
         let gauge = ConstGauge::new(0.0f64);

@@ -1,4 +1,7 @@
-//! One refresh_token exchange with a provider's token endpoint (RFC 6749 §6).
+//! One token request to a provider, by the integration's grant: refresh_token
+//! (RFC 6749 §6), client_credentials (§4.4), jwt_bearer (RFC 7523, assertions in
+//! `assertion`), a GitHub App installation token (`github`), or a static token
+//! (no request at all).
 //!
 //! Knows nothing of scheduling or persistence: it sends the request, checks the
 //! answer and classifies failures. Errors name the integration, the HTTP status
@@ -9,13 +12,26 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderValue, RETRY_AFTER};
+use reqwest::Url;
+use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderName, HeaderValue, RETRY_AFTER};
 use reqwest::{StatusCode, redirect};
 use serde::Deserialize;
+use time::OffsetDateTime;
 
-use crate::config::{ClientAuth, IntegrationConfig, RequestFormat, UpstreamConfig};
+use crate::config::{
+    Client, ClientAuth, Grant, IntegrationConfig, RefreshTokenGrant, RequestFormat, UpstreamConfig,
+};
+use crate::jws;
 use crate::secret::Secret;
 use crate::tls::{self, TlsError};
+
+mod assertion;
+mod github;
+
+/// Sent with every token request.
+pub const USER_AGENT: &str = concat!("credproxy/", env!("CARGO_PKG_VERSION"));
+/// RFC 7523 §2.1's grant type.
+const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const TOTAL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -30,7 +46,7 @@ pub struct TokenResponse {
     pub access_token: Secret,
     pub token_type: String,
     pub expires_in: Option<Duration>,
-    /// Present when the provider rotates refresh tokens.
+    /// Present when the provider rotates refresh tokens (refresh_token grant only).
     pub refresh_token: Option<Secret>,
 }
 
@@ -60,6 +76,22 @@ impl TokenError {
     pub fn is_permanent(&self) -> bool {
         self.failure == Failure::Permanent
     }
+
+    fn new(
+        integration: &str,
+        failure: Failure,
+        status: Option<StatusCode>,
+        detail: String,
+    ) -> Self {
+        Self {
+            integration: integration.to_owned(),
+            failure,
+            status: status.map(|s| s.as_u16()),
+            code: None,
+            retry_after: None,
+            detail,
+        }
+    }
 }
 
 /// The provider's JSON answer, success or error. Secrets deserialize straight
@@ -72,6 +104,24 @@ struct Wire {
     refresh_token: Option<Secret>,
     error: Option<String>,
     error_description: Option<String>,
+}
+
+/// One token request before it is sent.
+struct TokenRequest<'a> {
+    url: &'a Url,
+    fields: Vec<(&'a str, &'a str)>,
+    format: RequestFormat,
+    /// `Accept`, and the client's or the app's credentials (marked sensitive).
+    headers: Vec<(HeaderName, HeaderValue)>,
+    /// Redacted from any provider text we echo.
+    secrets: Vec<&'a Secret>,
+}
+
+/// The raw answer to a token request.
+struct Answer {
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: Vec<u8>,
 }
 
 // === impl OAuthClient ===
@@ -92,105 +142,194 @@ impl OAuthClient {
             .no_proxy()
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(TOTAL_TIMEOUT)
-            .user_agent(concat!("credproxy/", env!("CARGO_PKG_VERSION")))
+            // Every token request says who sends it (GitHub refuses requests without).
+            .user_agent(USER_AGENT)
             .dns_resolver(Arc::new(Resolver::from(upstream)))
             .build()
             .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
         Ok(Self { http })
     }
 
-    /// Exchanges `refresh_token` for a new access token.
-    pub async fn refresh(
+    /// Obtains a new access token by the integration's grant. `refresh_token`
+    /// is the chain's current one (refresh_token grant only).
+    pub async fn obtain(
         &self,
         integration: &IntegrationConfig,
-        refresh_token: &Secret,
+        refresh_token: Option<&Secret>,
     ) -> Result<TokenResponse, TokenError> {
-        let mut fields = vec![
-            ("grant_type", "refresh_token"),
-            ("refresh_token", refresh_token.expose()),
-        ];
-        if let Some(scope) = &integration.scope {
-            fields.push(("scope", scope));
+        let name = &integration.name;
+        let scope = integration.scope.as_deref();
+        let now = OffsetDateTime::now_utc();
+        let unsigned =
+            |e: jws::SignError| TokenError::new(name, Failure::Permanent, None, e.to_string());
+        match &integration.grant {
+            Grant::RefreshToken(grant) => {
+                let Some(refresh_token) = refresh_token else {
+                    return Err(TokenError::new(
+                        name,
+                        Failure::Permanent,
+                        None,
+                        "no refresh token to present".into(),
+                    ));
+                };
+                let mut fields = vec![
+                    ("grant_type", "refresh_token"),
+                    ("refresh_token", refresh_token.expose()),
+                ];
+                fields.extend(scope.map(|s| ("scope", s)));
+                let request = with_client(name, &grant.client, fields, vec![refresh_token])?;
+                self.oauth(name, request).await
+            }
+            Grant::ClientCredentials(grant) => {
+                let mut fields = vec![("grant_type", "client_credentials")];
+                fields.extend(scope.map(|s| ("scope", s)));
+                fields.extend(grant.audience.as_deref().map(|a| ("audience", a)));
+                let request = with_client(name, &grant.client, fields, Vec::new())?;
+                let response = self.oauth(name, request).await?;
+                // RFC 6749 §4.4.3: no refresh token; a stray one is not kept.
+                Ok(TokenResponse {
+                    refresh_token: None,
+                    ..response
+                })
+            }
+            Grant::JwtBearer(grant) => {
+                let assertion = assertion::jwt_bearer(grant, scope, now).map_err(unsigned)?;
+                let mut fields = vec![
+                    ("grant_type", JWT_BEARER),
+                    ("assertion", assertion.expose()),
+                ];
+                fields.extend(scope.map(|s| ("scope", s)));
+                let request = TokenRequest {
+                    url: &grant.token_url,
+                    fields,
+                    format: RequestFormat::Form,
+                    headers: vec![(ACCEPT, HeaderValue::from_static("application/json"))],
+                    secrets: vec![&assertion],
+                };
+                let response = self.oauth(name, request).await?;
+                Ok(TokenResponse {
+                    refresh_token: None,
+                    ..response
+                })
+            }
+            Grant::GithubApp(app) => {
+                let jwt = assertion::github_app(app, now).map_err(unsigned)?;
+                let bearer = sensitive(name, &format!("Bearer {}", jwt.expose()))?;
+                let request = TokenRequest {
+                    url: &app.token_url,
+                    fields: Vec::new(),
+                    format: RequestFormat::Json,
+                    headers: github::headers(bearer),
+                    secrets: vec![&jwt],
+                };
+                let answer = self.post(name, &request).await?;
+                // `expires_at` is absolute: count from when the answer arrived.
+                github::parse(name, answer, OffsetDateTime::now_utc())
+            }
+            Grant::Static(fixed) => Ok(TokenResponse {
+                access_token: fixed.token.clone(),
+                token_type: fixed.token_type.clone(),
+                expires_in: None,
+                refresh_token: None,
+            }),
         }
-        self.exchange(integration, fields, &[refresh_token]).await
     }
 
     /// Exchanges an authorization code (RFC 6749 §4.1.3, with the PKCE verifier of
     /// RFC 7636) for the first tokens.
     pub async fn exchange_code(
         &self,
-        integration: &IntegrationConfig,
+        name: &str,
+        grant: &RefreshTokenGrant,
         code: &Secret,
         code_verifier: &Secret,
     ) -> Result<TokenResponse, TokenError> {
         let fields = vec![
             ("grant_type", "authorization_code"),
             ("code", code.expose()),
-            ("redirect_uri", integration.redirect_uri.as_str()),
+            ("redirect_uri", grant.redirect_uri.as_str()),
             ("code_verifier", code_verifier.expose()),
         ];
-        self.exchange(integration, fields, &[code, code_verifier])
-            .await
+        let request = with_client(name, &grant.client, fields, vec![code, code_verifier])?;
+        self.oauth(name, request).await
     }
 
-    /// Sends a token request with `fields` plus the client authentication, and
-    /// checks the answer. `secrets` are redacted from any provider text we echo.
-    async fn exchange(
+    /// Sends an OAuth token request and checks the answer (RFC 6749 §5).
+    async fn oauth(
         &self,
-        integration: &IntegrationConfig,
-        mut fields: Vec<(&str, &str)>,
-        secrets: &[&Secret],
+        name: &str,
+        request: TokenRequest<'_>,
     ) -> Result<TokenResponse, TokenError> {
-        let fail = |failure, status: Option<StatusCode>, detail: String| TokenError {
-            integration: integration.name.clone(),
-            failure,
-            status: status.map(|s| s.as_u16()),
-            code: None,
-            retry_after: None,
-            detail,
-        };
-        let mut request = self
-            .http
-            .post(integration.refresh_url.clone())
-            .header(ACCEPT, "application/json");
-        match integration.client_auth {
-            ClientAuth::Basic => {
-                let mut value = HeaderValue::from_str(&basic_auth(
-                    &integration.client_id,
-                    &integration.client_secret,
-                ))
-                .map_err(|_| {
-                    fail(
-                        Failure::Permanent,
-                        None,
-                        "client credentials are not valid in a header".into(),
-                    )
-                })?;
-                value.set_sensitive(true);
-                request = request.header(AUTHORIZATION, value);
+        let Answer {
+            status,
+            retry_after,
+            body,
+        } = self.post(name, &request).await?;
+        let fail = |failure, detail| TokenError::new(name, failure, Some(status), detail);
+        let wire: Option<Wire> = serde_json::from_slice(&body).ok();
+        if !status.is_success() {
+            let (code, description) = wire
+                .map(|w| (w.error, w.error_description))
+                .unwrap_or_default();
+            let failure = classify(status, code.as_deref());
+            let mut detail = format!("token endpoint answered {status}");
+            if let Some(code) = &code {
+                detail.push_str(&format!(": {}", clean(code, &request.secrets)));
             }
-            ClientAuth::Body => {
-                fields.push(("client_id", &integration.client_id));
-                fields.push(("client_secret", integration.client_secret.expose()));
+            if let Some(description) = &description {
+                detail.push_str(&format!(" ({})", clean(description, &request.secrets)));
             }
+            return Err(TokenError {
+                code: code.map(|c| clean(&c, &request.secrets)),
+                retry_after,
+                ..fail(failure, detail)
+            });
         }
-        request = match integration.request_format {
-            RequestFormat::Form => request.form(&fields),
-            RequestFormat::Json => request.json(
-                &fields
+        let Some(wire) = wire else {
+            return Err(fail(
+                Failure::Transient,
+                format!("token endpoint answered {status} with a body that is not a JSON object"),
+            ));
+        };
+        let access_token = wire.access_token.filter(|t| !t.is_empty()).ok_or_else(|| {
+            fail(
+                Failure::Transient,
+                format!("token endpoint answered {status} without an access_token"),
+            )
+        })?;
+        Ok(TokenResponse {
+            access_token,
+            token_type: wire.token_type.unwrap_or_else(|| "bearer".into()),
+            expires_in: wire.expires_in.as_ref().and_then(parse_expires_in),
+            refresh_token: wire.refresh_token.filter(|t| !t.is_empty()),
+        })
+    }
+
+    /// POSTs `request` and reads the (bounded) answer, whatever its status.
+    async fn post(&self, name: &str, request: &TokenRequest<'_>) -> Result<Answer, TokenError> {
+        let mut builder = self.http.post(request.url.clone());
+        for (header, value) in &request.headers {
+            builder = builder.header(header, value.clone());
+        }
+        builder = match request.format {
+            _ if request.fields.is_empty() => builder,
+            RequestFormat::Form => builder.form(&request.fields),
+            RequestFormat::Json => builder.json(
+                &request
+                    .fields
                     .iter()
                     .copied()
                     .collect::<std::collections::BTreeMap<_, _>>(),
             ),
         };
-
-        let mut response = request.send().await.map_err(|e| {
+        let mut response = builder.send().await.map_err(|e| {
             let what = if e.is_timeout() {
                 "timed out"
             } else {
                 "unreachable"
             };
-            fail(
+            TokenError::new(
+                name,
                 Failure::Transient,
                 None,
                 format!("token endpoint {what}: {}", crate::report::chain(&e)),
@@ -203,68 +342,70 @@ impl OAuthClient {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-
+        let fail = |detail| TokenError::new(name, Failure::Transient, Some(status), detail);
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(|e| {
-            fail(
-                Failure::Transient,
-                Some(status),
-                format!(
-                    "token endpoint answered {status} but the body failed: {}",
-                    crate::report::chain(&e)
-                ),
-            )
+            fail(format!(
+                "token endpoint answered {status} but the body failed: {}",
+                crate::report::chain(&e)
+            ))
         })? {
             if body.len() + chunk.len() > MAX_BODY {
-                return Err(fail(
-                    Failure::Transient,
-                    Some(status),
-                    format!("token endpoint answered {status} with a body over {MAX_BODY} bytes"),
-                ));
+                return Err(fail(format!(
+                    "token endpoint answered {status} with a body over {MAX_BODY} bytes"
+                )));
             }
             body.extend_from_slice(&chunk);
         }
-        let wire: Option<Wire> = serde_json::from_slice(&body).ok();
-
-        if !status.is_success() {
-            let (code, description) = wire
-                .map(|w| (w.error, w.error_description))
-                .unwrap_or_default();
-            let failure = classify(status, code.as_deref());
-            let mut detail = format!("token endpoint answered {status}");
-            if let Some(code) = &code {
-                detail.push_str(&format!(": {}", clean(code, secrets, integration)));
-            }
-            if let Some(description) = &description {
-                detail.push_str(&format!(" ({})", clean(description, secrets, integration)));
-            }
-            return Err(TokenError {
-                code: code.map(|c| clean(&c, secrets, integration)),
-                retry_after,
-                ..fail(failure, Some(status), detail)
-            });
-        }
-        let Some(wire) = wire else {
-            return Err(fail(
-                Failure::Transient,
-                Some(status),
-                format!("token endpoint answered {status} with a body that is not a JSON object"),
-            ));
-        };
-        let access_token = wire.access_token.filter(|t| !t.is_empty()).ok_or_else(|| {
-            fail(
-                Failure::Transient,
-                Some(status),
-                format!("token endpoint answered {status} without an access_token"),
-            )
-        })?;
-        Ok(TokenResponse {
-            access_token,
-            token_type: wire.token_type.unwrap_or_else(|| "bearer".into()),
-            expires_in: wire.expires_in.as_ref().and_then(parse_expires_in),
-            refresh_token: wire.refresh_token.filter(|t| !t.is_empty()),
+        Ok(Answer {
+            status,
+            retry_after,
+            body,
         })
     }
+}
+
+/// The request for `client`'s token endpoint: `fields` plus the client
+/// authentication it is configured for.
+fn with_client<'a>(
+    name: &str,
+    client: &'a Client,
+    mut fields: Vec<(&'a str, &'a str)>,
+    mut secrets: Vec<&'a Secret>,
+) -> Result<TokenRequest<'a>, TokenError> {
+    secrets.push(&client.client_secret);
+    let mut headers = vec![(ACCEPT, HeaderValue::from_static("application/json"))];
+    match client.client_auth {
+        ClientAuth::Basic => headers.push((
+            AUTHORIZATION,
+            sensitive(name, &basic_auth(&client.client_id, &client.client_secret))?,
+        )),
+        ClientAuth::Body => {
+            fields.push(("client_id", &client.client_id));
+            fields.push(("client_secret", client.client_secret.expose()));
+        }
+    }
+    Ok(TokenRequest {
+        url: &client.token_url,
+        fields,
+        format: client.request_format,
+        headers,
+        secrets,
+    })
+}
+
+/// A credential header value, never indexed or logged by hyper.
+fn sensitive(name: &str, value: &str) -> Result<HeaderValue, TokenError> {
+    let mut value = HeaderValue::from_str(value).map_err(|_| {
+        TokenError::new(
+            name,
+            Failure::Permanent,
+            None,
+            "credentials are not valid in a header".into(),
+        )
+    })?;
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 /// RFC 6749 §2.3.1: client id and secret are form-urlencoded before base64.
@@ -304,13 +445,13 @@ fn parse_expires_in(value: &serde_json::Value) -> Option<Duration> {
 
 /// Provider text we echo in errors: bounded, printable, and with any of our
 /// secrets that a provider might have echoed back redacted.
-fn clean(text: &str, secrets: &[&Secret], integration: &IntegrationConfig) -> String {
+fn clean(text: &str, secrets: &[&Secret]) -> String {
     let mut out: String = text
         .chars()
         .take(200)
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
-    for secret in secrets.iter().copied().chain([&integration.client_secret]) {
+    for secret in secrets {
         if !secret.is_empty() {
             out = out.replace(secret.expose(), "[redacted]");
         }

@@ -1,6 +1,6 @@
 //! The state store: each integration's refresh token (the one that must never be
-//! lost), its current access token and expiry, and the fingerprint of the config
-//! refresh token the chain was seeded from.
+//! lost; only the refresh_token grant has one), its current access token and
+//! expiry, and the fingerprint of the config credentials it was obtained with.
 //!
 //! The embedded default is a JSON file, mode 0600, only ever replaced atomically
 //! (temp file, fsync, rename, directory fsync). A per-integration lock file,
@@ -33,13 +33,16 @@ const FORMAT_VERSION: u32 = 1;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Entry {
-    pub refresh_token: Secret,
+    /// The refresh_token grant's chain; the other grants have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<Secret>,
     pub access_token: Option<Secret>,
     pub token_type: Option<String>,
     #[serde(with = "time::serde::rfc3339::option")]
     pub expires_at: Option<OffsetDateTime>,
-    /// `fingerprint()` of the config refresh token this chain started from;
-    /// None when it came from `credproxy authorize`.
+    /// `fingerprint()` of the config refresh token this chain started from
+    /// (None when it came from `credproxy authorize`), or of the credentials
+    /// another grant obtained the token with.
     pub seed_fingerprint: Option<String>,
     /// The scope the access token was requested with: a token for another scope
     /// is not used after a config change.
@@ -70,7 +73,10 @@ impl Entry {
             updated_at: _,
             sealed: _,
         } = &self;
-        let refresh_token = f("refresh_token", refresh_token.clone())?;
+        let refresh_token = refresh_token
+            .clone()
+            .map(|t| f("refresh_token", t))
+            .transpose()?;
         let access_token = access_token
             .clone()
             .map(|t| f("access_token", t))
@@ -372,7 +378,7 @@ mod tests {
 
     fn entry(refresh: &str) -> Entry {
         Entry {
-            refresh_token: Secret::new(refresh),
+            refresh_token: Some(Secret::new(refresh)),
             access_token: Some(Secret::new("at")),
             token_type: Some("bearer".into()),
             expires_at: Some(OffsetDateTime::UNIX_EPOCH),
@@ -391,11 +397,23 @@ mod tests {
         store.save("a", &entry("rt-a")).unwrap();
         store.save("b", &entry("rt-b")).unwrap();
         assert_eq!(
-            store.load("a").unwrap().unwrap().refresh_token.expose(),
+            store
+                .load("a")
+                .unwrap()
+                .unwrap()
+                .refresh_token
+                .unwrap()
+                .expose(),
             "rt-a"
         );
         assert_eq!(
-            store.load("b").unwrap().unwrap().refresh_token.expose(),
+            store
+                .load("b")
+                .unwrap()
+                .unwrap()
+                .refresh_token
+                .unwrap()
+                .expose(),
             "rt-b"
         );
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;

@@ -23,11 +23,13 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::config::{Config, IntegrationConfig};
+use crate::config::{Config, Grant, IntegrationConfig};
 use crate::oauth::{OAuthClient, TokenError};
 use crate::secret::Secret;
 use crate::state::{self, Entry, StateError, StateStore};
 
+/// The expiry of a token that never expires (a static one).
+pub const NEVER: OffsetDateTime = time::macros::datetime!(9999-12-31 00:00 UTC);
 /// How long a request with no valid token waits for a refresh before its 503.
 pub const ON_DEMAND_WAIT: Duration = Duration::from_secs(10);
 /// On-demand refreshes: at most one per this interval.
@@ -69,6 +71,8 @@ pub enum Health {
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
     pub name: String,
+    /// How tokens are obtained: `refresh_token`, `client_credentials`, …
+    pub grant: &'static str,
     pub state: Health,
     #[serde(with = "time::serde::rfc3339::option")]
     pub expires_at: Option<OffsetDateTime>,
@@ -270,7 +274,8 @@ pub struct Integration {
     /// attempt began after the caller asked, so it answers the caller's question.
     started: AtomicU64,
     status: Mutex<StatusInner>,
-    /// The refresh token the provider rejected permanently, and its answer.
+    /// The credential the provider rejected permanently (a refresh token, or
+    /// another grant's identity), and its answer.
     dead_chain: Mutex<Option<(Secret, RefreshError)>>,
     /// A rotated chain whose state write failed: written first by the next
     /// attempt, so a full disk cannot lose a refresh token.
@@ -303,9 +308,13 @@ impl StatusInner {
     }
 }
 
-/// The refresh token to use and where it came from.
+/// What to present to the provider and where it came from.
 struct Chain {
-    refresh_token: Secret,
+    /// The refresh_token grant's current refresh token.
+    refresh_token: Option<Secret>,
+    /// What the provider judges: the refresh token, or another grant's
+    /// credentials (`Grant::identity`).
+    presented: Secret,
     seed_fingerprint: Option<String>,
     /// The stored entry, when it belongs to this chain.
     stored: Option<Entry>,
@@ -337,6 +346,20 @@ impl Integration {
             dead_chain: Mutex::new(None),
             config,
         };
+        if let Grant::Static(fixed) = &integration.config.grant {
+            // Nothing to obtain or store: the token is the config's.
+            integration.publish(&Entry {
+                refresh_token: None,
+                access_token: Some(fixed.token.clone()),
+                token_type: Some(fixed.token_type.clone()),
+                expires_at: Some(NEVER),
+                seed_fingerprint: None,
+                scope: None,
+                updated_at: OffsetDateTime::now_utc(),
+                sealed: false,
+            });
+            return Ok(integration);
+        }
         match integration.chain(stored) {
             Ok(chain) => {
                 let now = OffsetDateTime::now_utc();
@@ -420,6 +443,10 @@ impl Integration {
     fn skip(&self, reason: Reason, flight: &mut Flight) -> Option<Outcome> {
         let now = OffsetDateTime::now_utc();
         let current = self.current.load_full();
+        if self.is_static() {
+            // Never refreshed: a 401 to it passes through to the client.
+            return current.map(Ok);
+        }
         // On-demand refreshes: at most one per interval, whatever the outcome, so
         // neither a failing provider nor one issuing already-expired tokens is hammered.
         // A permanently rejected chain is not sent again (see `dead_chain`), so
@@ -506,23 +533,23 @@ impl Integration {
             // Another process refreshed while we waited for the lock.
             return Ok(self.publish(entry));
         }
-        if adopt && let Some((token, error)) = lock(&self.dead_chain).as_ref() {
-            // The provider said this refresh token is dead; asking again would
+        if adopt && let Some((presented, error)) = lock(&self.dead_chain).as_ref() {
+            // The provider said these credentials are dead; asking again would
             // only hammer it. A new chain (`authorize`, a config change) or an
             // operator's forced refresh gets through.
-            if *token == chain.refresh_token {
+            if *presented == chain.presented {
                 return Err(error.clone());
             }
         }
         let response = match self
             .client
-            .refresh(&self.config, &chain.refresh_token)
+            .obtain(&self.config, chain.refresh_token.as_ref())
             .await
         {
             Ok(response) => response,
             Err(error) => {
                 if error.is_permanent() {
-                    *lock(&self.dead_chain) = Some((chain.refresh_token, error.clone().into()));
+                    *lock(&self.dead_chain) = Some((chain.presented, error.clone().into()));
                 }
                 return Err(error.into());
             }
@@ -530,7 +557,8 @@ impl Integration {
         *lock(&self.dead_chain) = None;
         let now = OffsetDateTime::now_utc();
         let entry = Entry {
-            refresh_token: response.refresh_token.unwrap_or(chain.refresh_token),
+            // Only the refresh_token grant has a chain; a rotated token replaces it.
+            refresh_token: response.refresh_token.or(chain.refresh_token),
             access_token: Some(response.access_token),
             token_type: Some(response.token_type),
             expires_at: Some(
@@ -563,25 +591,46 @@ impl Integration {
         Ok(self.publish(&entry))
     }
 
-    /// Which refresh token to use: the stored chain when it grew from the config's
-    /// current refresh token (or from `authorize`), else the config's token.
+    /// What to present. The refresh_token grant: the stored chain when it grew
+    /// from the config's current refresh token (or from `authorize`), else the
+    /// config's token. Other grants: the config's credentials; a stored token
+    /// counts only if those same credentials obtained it.
     fn chain(&self, stored: Option<Entry>) -> Result<Chain, RefreshError> {
-        let config_seed = self.config.refresh_token.as_ref().map(state::fingerprint);
-        match (stored, &self.config.refresh_token) {
-            (Some(entry), _) if config_seed.is_none() || entry.seed_fingerprint == config_seed => {
-                Ok(Chain {
-                    refresh_token: entry.refresh_token.clone(),
-                    seed_fingerprint: entry.seed_fingerprint.clone(),
-                    stored: Some(entry),
-                })
-            }
-            (_, Some(token)) => Ok(Chain {
-                refresh_token: token.clone(),
+        let Grant::RefreshToken(grant) = &self.config.grant else {
+            let identity = self.config.grant.identity();
+            let seed = Some(state::fingerprint(&identity));
+            return Ok(Chain {
+                refresh_token: None,
+                presented: identity,
+                stored: stored.filter(|e| e.seed_fingerprint == seed),
+                seed_fingerprint: seed,
+            });
+        };
+        let config_seed = grant.refresh_token.as_ref().map(state::fingerprint);
+        let grown = stored.filter(|e| config_seed.is_none() || e.seed_fingerprint == config_seed);
+        if let Some(entry) = grown
+            && let Some(token) = entry.refresh_token.clone()
+        {
+            return Ok(Chain {
+                refresh_token: Some(token.clone()),
+                presented: token,
+                seed_fingerprint: entry.seed_fingerprint.clone(),
+                stored: Some(entry),
+            });
+        }
+        match &grant.refresh_token {
+            Some(token) => Ok(Chain {
+                refresh_token: Some(token.clone()),
+                presented: token.clone(),
                 seed_fingerprint: config_seed,
                 stored: None,
             }),
-            (_, None) => Err(RefreshError::NotAuthorized(self.name().to_owned())),
+            None => Err(RefreshError::NotAuthorized(self.name().to_owned())),
         }
+    }
+
+    fn is_static(&self) -> bool {
+        matches!(self.config.grant, Grant::Static(_))
     }
 
     /// A stored token another process published: not ours, and not due.
@@ -649,8 +698,15 @@ impl Integration {
         let status = self.lock_status();
         Status {
             name: self.name().to_owned(),
+            grant: self.config.grant.kind(),
             state: status.health,
-            expires_at: self.current.load().as_ref().map(|s| s.expires_at),
+            // A static token does not expire.
+            expires_at: self
+                .current
+                .load()
+                .as_ref()
+                .map(|s| s.expires_at)
+                .filter(|at| *at != NEVER),
             last_refresh_at: status.last_refresh_at,
             last_error: status.last_error.clone(),
             refresh_count: status.refresh_count,

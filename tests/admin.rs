@@ -84,6 +84,7 @@ async fn integrations_lists_each_status_without_secrets() {
         keys,
         [
             "expires_at",
+            "grant",
             "last_error",
             "last_refresh_at",
             "name",
@@ -93,6 +94,7 @@ async fn integrations_lists_each_status_without_secrets() {
         ]
     );
     assert_eq!(entry["name"], INTEGRATION);
+    assert_eq!(entry["grant"], "refresh_token");
     assert_eq!(entry["state"], "ok");
     assert_eq!(entry["last_error"], Value::Null);
     assert_eq!(entry["refresh_count"], 1);

@@ -66,3 +66,6 @@ mod exec;
 mod upstream_errors;
 mod upstream_exhausted;
 mod upstream_resend;
+
+// Issue 14: grants beyond refresh tokens, and query injection.
+mod grants;

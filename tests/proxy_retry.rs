@@ -58,13 +58,8 @@ async fn a_revoked_token_is_refreshed_once_and_the_request_resent_with_its_body(
     assert_eq!(setup.api.unauthorized(), 1);
     let new = setup.current_token();
     assert_ne!(new, old);
-    let seen = setup.api.seen();
-    let last_two: Vec<_> = seen[seen.len() - 2..]
-        .iter()
-        .map(|s| (s.status, s.authorization()))
-        .collect();
     assert_eq!(
-        last_two,
+        setup.api.last_answers(2),
         [
             (StatusCode::UNAUTHORIZED, vec![format!("Bearer {old}")]),
             (StatusCode::OK, vec![format!("Bearer {new}")]),

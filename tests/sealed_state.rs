@@ -151,7 +151,7 @@ async fn sealed_round_trip_leaves_no_token_in_the_file() {
     let store = state::open(&fx.dir.state_path(), Some(&parse_key(&key))).unwrap();
     let opened = store.load("demo").unwrap().unwrap();
     assert_eq!(
-        Some(opened.refresh_token.expose().to_owned()),
+        opened.refresh_token.map(|t| t.expose().to_owned()),
         fx.server.latest_refresh_token()
     );
 }
@@ -392,15 +392,12 @@ async fn rekey_while_run_serves_and_refreshes() {
     );
     let store = state::open(&path, Some(&parse_key(&new_key))).unwrap();
     assert_eq!(
-        Some(
-            store
-                .load(INTEGRATION)
-                .unwrap()
-                .unwrap()
-                .refresh_token
-                .expose()
-                .to_owned()
-        ),
+        store
+            .load(INTEGRATION)
+            .unwrap()
+            .unwrap()
+            .refresh_token
+            .map(|t| t.expose().to_owned()),
         setup.tokens.latest_refresh_token(),
         "the stored chain is the provider's latest"
     );
@@ -409,7 +406,7 @@ async fn rekey_while_run_serves_and_refreshes() {
 
 fn entry(n: usize) -> Entry {
     Entry {
-        refresh_token: Secret::new(format!("rt-SECRET-{n}")),
+        refresh_token: Some(Secret::new(format!("rt-SECRET-{n}"))),
         access_token: Some(Secret::new(format!("at-SECRET-{n}"))),
         token_type: Some("bearer".into()),
         expires_at: Some(OffsetDateTime::now_utc()),

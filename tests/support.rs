@@ -10,6 +10,7 @@ pub mod ca;
 pub mod cli;
 pub mod client;
 pub mod fixture;
+pub mod grants;
 pub mod prom;
 pub mod proxy;
 pub mod serve;

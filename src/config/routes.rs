@@ -17,6 +17,8 @@ pub struct Route {
     /// The integration whose token the headers carry, if any.
     pub integration: Option<String>,
     pub headers: Vec<(HeaderName, Template)>,
+    /// Query parameters set on every request (for APIs that take keys in the URL).
+    pub query: Vec<(String, Template)>,
     pub upstream_tls: bool,
 }
 
@@ -33,6 +35,8 @@ pub(super) struct RawRoute {
     pub(super) integration: Option<String>,
     #[serde(default)]
     pub(super) headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub(super) query: BTreeMap<String, String>,
     pub(super) upstream_tls: Option<bool>,
 }
 
@@ -103,6 +107,23 @@ impl Validator<'_> {
             known(key("integration"), name)?;
             headers.push((http::header::AUTHORIZATION, Template::bearer(name)));
         }
+        // A route carries one integration's token, whether in a header or the query.
+        let mut template = |field: &str, text: &str| {
+            let template = Template::parse(text).map_err(|m| self.err(field, m))?;
+            if let Some(name) = template.integration() {
+                known(field.to_owned(), name)?;
+                match &integration {
+                    Some(existing) if existing != name => {
+                        return Err(self.err(
+                            field,
+                            format!("refers to {name:?} but this route uses {existing:?}; a route carries one integration's token"),
+                        ));
+                    }
+                    _ => integration = Some(name.to_owned()),
+                }
+            }
+            Ok(template)
+        };
         for (name, text) in raw.headers {
             let field = key(&format!("headers.{name}"));
             let header = HeaderName::try_from(name.as_str())
@@ -119,31 +140,27 @@ impl Validator<'_> {
                     format!("{name} is set twice (the integration shorthand sets Authorization)"),
                 ));
             }
-            let template = Template::parse(&text).map_err(|m| self.err(&field, m))?;
-            if let Some(name) = template.integration() {
-                known(field.clone(), name)?;
-                match &integration {
-                    Some(existing) if existing != name => {
-                        return Err(self.err(
-                            &field,
-                            format!("refers to {name:?} but this route uses {existing:?}; a route carries one integration's token"),
-                        ));
-                    }
-                    _ => integration = Some(name.to_owned()),
-                }
-            }
-            headers.push((header, template));
+            headers.push((header, template(&field, &text)?));
         }
-        if headers.is_empty() {
+        let mut query = Vec::new();
+        for (name, text) in raw.query {
+            let field = key(&format!("query.{name}"));
+            if name.is_empty() {
+                return Err(self.err(&field, "a query parameter needs a name"));
+            }
+            query.push((name, template(&field, &text)?));
+        }
+        if headers.is_empty() && query.is_empty() {
             return Err(self.err(
                 format!("routes[{index}]"),
-                "injects nothing: set `integration` or `headers`",
+                "injects nothing: set `integration`, `headers` or `query`",
             ));
         }
         Ok(Route {
             host,
             integration,
             headers,
+            query,
             upstream_tls: raw.upstream_tls.unwrap_or(true),
         })
     }

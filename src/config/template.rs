@@ -1,4 +1,4 @@
-//! Header value templates, compiled at load time.
+//! Header value and query parameter templates, compiled at load time.
 //!
 //! A template is literal text with `{{ $.integrations.NAME.access_token }}` or
 //! `{{ $.integrations.NAME.token_type }}` expressions — the syntax workflow steps
@@ -68,28 +68,29 @@ impl Template {
         self.integration.as_deref()
     }
 
-    /// Renders the value; marked sensitive when it carries the token, so hyper's
-    /// HPACK encoder never indexes it.
+    /// Renders a header value; marked sensitive when it carries the token, so
+    /// hyper's HPACK encoder never indexes it.
     pub fn render(
         &self,
         access_token: &Secret,
         token_type: &str,
     ) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
+        let mut value = HeaderValue::from_str(self.render_text(access_token, token_type).expose())?;
+        value.set_sensitive(self.parts.contains(&Part::AccessToken));
+        Ok(value)
+    }
+
+    /// Renders the text, say for a query parameter.
+    pub fn render_text(&self, access_token: &Secret, token_type: &str) -> Secret {
         let mut out = String::new();
-        let mut sensitive = false;
         for part in &self.parts {
             match part {
                 Part::Literal(text) => out.push_str(text),
-                Part::AccessToken => {
-                    sensitive = true;
-                    out.push_str(access_token.expose());
-                }
+                Part::AccessToken => out.push_str(access_token.expose()),
                 Part::TokenType => out.push_str(token_type),
             }
         }
-        let mut value = HeaderValue::from_str(&out)?;
-        value.set_sensitive(sensitive);
-        Ok(value)
+        Secret::new(out)
     }
 }
 

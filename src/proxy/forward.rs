@@ -69,11 +69,11 @@ impl Target {
         }
     }
 
-    fn uri(&self, path: Option<&PathAndQuery>) -> Result<Uri, ProxyError> {
+    fn uri(&self, path: PathAndQuery) -> Result<Uri, ProxyError> {
         Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority())
-            .path_and_query(path.map_or("/", |p| p.as_str()))
+            .path_and_query(path)
             .build()
             .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URL: {e}")))
     }
@@ -94,11 +94,12 @@ pub async fn routed(
     // The upstream's Host comes from the target URI (RFC 9112 §3.2.2): a client's
     // Host naming another host must never travel next to the credentials.
     parts.headers.remove(http::header::HOST);
-    let uri = target.uri(parts.uri.path_and_query())?;
+    let sent = parts.uri.path_and_query().cloned();
     let body = RequestBody::read(body).await?;
+    let rendered = injector.rendered(snapshot.as_deref());
+    let uri = target.uri(rendered.path(sent.as_ref())?)?;
     let mut outgoing = Outgoing::new(parts.method, uri, parts.headers, body);
 
-    let rendered = injector.headers(snapshot.as_deref());
     let send = upstream.send(&mut outgoing, &rendered.headers, &route.metrics);
     let response = timed(route, send).await?;
     if response.status() == StatusCode::UNAUTHORIZED
@@ -107,7 +108,9 @@ pub async fn routed(
         && let Some(fresh) = retry::refreshed(route, integration, snapshot).await
     {
         drop(response);
-        let rendered = injector.headers(Some(&fresh));
+        let rendered = injector.rendered(Some(&fresh));
+        // A token in the query changes the URL, too.
+        outgoing.uri = target.uri(rendered.path(sent.as_ref())?)?;
         let again = upstream.send(&mut outgoing, &rendered.headers, &route.metrics);
         return Ok(relay(timed(route, again).await?));
     }

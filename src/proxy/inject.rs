@@ -1,13 +1,17 @@
-//! Header surgery: strip what must not travel upstream, then set the route's
-//! credentials. Rendering happens once per published token, not per request.
+//! Header and query surgery: strip what must not travel upstream, then set the
+//! route's credentials. Rendering happens once per published token, not per
+//! request.
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{InvalidUri, PathAndQuery};
 
+use super::error::ProxyError;
 use crate::config::Route;
 use crate::config::template::Template;
+use crate::secret::Secret;
 use crate::tokens::{Integration, Snapshot};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy's own credentials.
@@ -44,16 +48,61 @@ pub fn apply(headers: &mut HeaderMap, injected: &[(HeaderName, HeaderValue)]) {
     }
 }
 
-/// A route's header values, rendered for one token generation.
+/// Sets the `injected` query parameters on a request target, replacing any
+/// the client sent under those names; the others are kept exactly as sent.
+pub fn set_query(
+    target: Option<&PathAndQuery>,
+    injected: &[(String, Secret)],
+) -> Result<Option<PathAndQuery>, InvalidUri> {
+    if injected.is_empty() {
+        return Ok(target.cloned());
+    }
+    let mut out = target.map_or("/", PathAndQuery::path).to_owned();
+    let mut separator = '?';
+    let sent = target.and_then(PathAndQuery::query).unwrap_or_default();
+    for pair in sent.split('&').filter(|p| !p.is_empty()) {
+        let name = form_urlencoded::parse(pair.as_bytes())
+            .next()
+            .map(|(n, _)| n);
+        if name.is_some_and(|n| injected.iter().any(|(ours, _)| *ours == n)) {
+            continue;
+        }
+        out.push(separator);
+        out.push_str(pair);
+        separator = '&';
+    }
+    for (name, value) in injected {
+        out.push(separator);
+        out.extend(form_urlencoded::byte_serialize(name.as_bytes()));
+        out.push('=');
+        out.extend(form_urlencoded::byte_serialize(value.expose().as_bytes()));
+        separator = '&';
+    }
+    PathAndQuery::try_from(out).map(Some)
+}
+
+/// A route's header values and query parameters, rendered for one token generation.
 pub struct Rendered {
     generation: u64,
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub query: Vec<(String, Secret)>,
+}
+
+impl Rendered {
+    /// The upstream request target: what the client sent (or "/") with the
+    /// route's query parameters set.
+    pub fn path(&self, sent: Option<&PathAndQuery>) -> Result<PathAndQuery, ProxyError> {
+        let path = set_query(sent, &self.query)
+            .map_err(|e| ProxyError::BadRequest(format!("cannot set the query: {e}")))?;
+        Ok(path.unwrap_or_else(|| PathAndQuery::from_static("/")))
+    }
 }
 
 /// A route at run time: its templates, its integration and the values last
 /// rendered from that integration's token.
 pub struct Injector {
     templates: Vec<(HeaderName, Template)>,
+    query: Vec<(String, Template)>,
     pub integration: Option<Arc<Integration>>,
     rendered: ArcSwapOption<Rendered>,
 }
@@ -62,14 +111,15 @@ impl Injector {
     pub fn new(route: &Route, integration: Option<Arc<Integration>>) -> Self {
         Self {
             templates: route.headers.clone(),
+            query: route.query.clone(),
             integration,
             rendered: ArcSwapOption::empty(),
         }
     }
 
-    /// The header values for `snapshot` (None for a route without a token):
-    /// rendered on the first request after each refresh, then shared.
-    pub fn headers(&self, snapshot: Option<&Snapshot>) -> Arc<Rendered> {
+    /// The header values and query parameters for `snapshot` (None for a route
+    /// without a token): rendered on the first request after each refresh, then shared.
+    pub fn rendered(&self, snapshot: Option<&Snapshot>) -> Arc<Rendered> {
         let generation = snapshot.map_or(0, |s| s.generation);
         if let Some(rendered) = self.rendered.load_full()
             && rendered.generation == generation
@@ -78,7 +128,7 @@ impl Injector {
         }
         let (token, token_type) = match snapshot {
             Some(s) => (s.access_token.clone(), s.token_type.as_str()),
-            None => (crate::secret::Secret::new(""), "bearer"),
+            None => (Secret::new(""), "bearer"),
         };
         let headers = self
             .templates
@@ -89,9 +139,15 @@ impl Injector {
                 Some((name.clone(), template.render(&token, token_type).ok()?))
             })
             .collect();
+        let query = self
+            .query
+            .iter()
+            .map(|(name, template)| (name.clone(), template.render_text(&token, token_type)))
+            .collect();
         let rendered = Arc::new(Rendered {
             generation,
             headers,
+            query,
         });
         self.rendered.store(Some(rendered.clone()));
         rendered
@@ -120,6 +176,18 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key(header::ACCEPT));
+    }
+
+    #[test]
+    fn set_query_replaces_the_clients_parameter_and_keeps_the_others() {
+        let target = PathAndQuery::from_static("/maps/api?key=client%20key&q=a%2Bb&key=2&x");
+        let injected = [("key".to_owned(), Secret::new("ours &=/"))];
+        let set = set_query(Some(&target), &injected).unwrap().unwrap();
+        assert_eq!(set.as_str(), "/maps/api?q=a%2Bb&x&key=ours+%26%3D%2F");
+        let bare = set_query(None, &injected).unwrap().unwrap();
+        assert_eq!(bare.as_str(), "/?key=ours+%26%3D%2F");
+        let untouched = set_query(Some(&target), &[]).unwrap().unwrap();
+        assert_eq!(untouched, target);
     }
 
     #[test]

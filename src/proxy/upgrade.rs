@@ -25,9 +25,10 @@ use tokio_rustls::TlsConnector;
 
 use super::error::ProxyError;
 use super::forward::{self, Target};
+use super::inject::{self, Rendered};
 use super::observe::{Handoff, Line};
 use super::upstream::Upstream;
-use super::{ActiveRoute, Proxy, Routing, inject, retry, tunnel};
+use super::{ActiveRoute, Proxy, Routing, retry, tunnel};
 use crate::body::{self, ProxyBody};
 use crate::config::UpstreamConfig;
 use crate::metrics::{GaugeGuard, TunnelKind};
@@ -160,11 +161,14 @@ pub async fn routed(
     let (parts, _no_body) = request.into_parts();
     let head = UpstreamHead::new(&parts, target, &asked)?;
     let send = |snapshot: Option<&Snapshot>| {
-        let request = head.request(&route.injector.headers(snapshot).headers);
-        forward::timed(
-            route,
-            routing.upgrades.send(&routing.upstream, target, request),
-        )
+        let request = head.request(&route.injector.rendered(snapshot));
+        async move {
+            forward::timed(
+                route,
+                routing.upgrades.send(&routing.upstream, target, request?),
+            )
+            .await
+        }
     };
     let mut response = send(snapshot.as_deref()).await?;
     if response.status() == StatusCode::UNAUTHORIZED
@@ -201,7 +205,8 @@ pub async fn routed(
 /// The parts of the upstream request that stay the same across a resend.
 struct UpstreamHead {
     method: Method,
-    uri: http::Uri,
+    /// The client's request target; the route's query parameters are set per attempt.
+    path: Option<http::uri::PathAndQuery>,
     headers: HeaderMap,
 }
 
@@ -236,27 +241,21 @@ impl UpstreamHead {
                 Method::GET
             }
         };
-        let uri = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .parse()
-            .map_err(|e| ProxyError::BadRequest(format!("invalid path: {e}")))?;
         Ok(Self {
             method,
-            uri,
+            path: parts.uri.path_and_query().cloned(),
             headers,
         })
     }
 
-    fn request(&self, injected: &[(header::HeaderName, HeaderValue)]) -> Request<ProxyBody> {
+    fn request(&self, rendered: &Rendered) -> Result<Request<ProxyBody>, ProxyError> {
         let mut headers = self.headers.clone();
-        inject::apply(&mut headers, injected);
+        inject::apply(&mut headers, &rendered.headers);
         let mut request = Request::new(body::empty());
         *request.method_mut() = self.method.clone();
-        *request.uri_mut() = self.uri.clone();
+        *request.uri_mut() = rendered.path(self.path.as_ref())?.into();
         *request.headers_mut() = headers;
-        request
+        Ok(request)
     }
 }
 

@@ -145,7 +145,7 @@ mod tests {
 
     fn entry() -> Entry {
         Entry {
-            refresh_token: Secret::new("rt-SECRET"),
+            refresh_token: Some(Secret::new("rt-SECRET")),
             access_token: Some(Secret::new("at-SECRET")),
             token_type: Some("bearer".into()),
             expires_at: Some(OffsetDateTime::UNIX_EPOCH),
@@ -187,8 +187,8 @@ mod tests {
         assert!(another_key.open_entry("box", sealed.clone()).is_err());
         assert!(sealer.open_entry("other", sealed.clone()).is_err());
         let swapped = Entry {
-            refresh_token: sealed.access_token.clone().unwrap(),
-            access_token: Some(sealed.refresh_token.clone()),
+            refresh_token: sealed.access_token.clone(),
+            access_token: sealed.refresh_token.clone(),
             ..sealed
         };
         let (field, _) = sealer.open_entry("box", swapped).unwrap_err();
@@ -199,7 +199,8 @@ mod tests {
     fn truncated_or_malformed_does_not_open() {
         let sealer = sealer();
         let sealed = sealer.seal_entry("box", entry()).unwrap();
-        let text = sealed.refresh_token.expose();
+        let text = sealed.refresh_token.clone().unwrap();
+        let text = text.expose();
         for bad in [
             &text[..text.len() - 4],
             "v1:",
@@ -208,7 +209,7 @@ mod tests {
             "v2:AAAA",
         ] {
             let damaged = Entry {
-                refresh_token: Secret::new(bad),
+                refresh_token: Some(Secret::new(bad)),
                 ..sealed.clone()
             };
             assert!(sealer.open_entry("box", damaged).is_err(), "{bad}");

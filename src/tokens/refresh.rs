@@ -8,8 +8,13 @@ use std::sync::Arc;
 use time::OffsetDateTime;
 
 use super::{Integration, Reason, schedule};
+use crate::config::Grant;
 
 pub async fn run(integration: Arc<Integration>) {
+    if matches!(integration.config().grant, Grant::Static(_)) {
+        // Published at start and never refreshed.
+        return;
+    }
     let mut published = integration.subscribe();
     let mut failures: u32 = 0;
     loop {

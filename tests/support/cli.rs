@@ -388,6 +388,9 @@ pub struct ConfigBuilder {
     options: Vec<(&'static str, String)>,
     integration_lines: Vec<String>,
     state_lines: Vec<String>,
+    /// Replaces the generated `[integrations.NAME]` table (for grants other than
+    /// refresh_token).
+    integration_table: Option<String>,
     raw: String,
 }
 
@@ -413,6 +416,7 @@ impl ConfigBuilder {
             options: Vec::new(),
             integration_lines: Vec::new(),
             state_lines: Vec::new(),
+            integration_table: None,
             raw: String::new(),
         }
     }
@@ -508,6 +512,12 @@ impl ConfigBuilder {
         self
     }
 
+    /// The whole `[integrations.NAME]` table, written instead of the refresh_token one.
+    pub fn integration_table(mut self, toml: &str) -> Self {
+        self.integration_table = Some(toml.to_owned());
+        self
+    }
+
     /// Raw TOML appended after the integration; start it with a table header
     /// (`[proxy]`, `[[routes]]`, `[integrations.other]`), or its keys land in the integration.
     pub fn raw(mut self, toml: &str) -> Self {
@@ -529,6 +539,12 @@ impl ConfigBuilder {
         if let Some(extra_ca) = &self.extra_ca {
             out.push_str("\n[upstream]\n");
             kv(&mut out, "extra_ca", path_str(extra_ca));
+        }
+        if let Some(table) = &self.integration_table {
+            out.push('\n');
+            out.push_str(table);
+            out.push_str(&self.raw);
+            return out;
         }
         out.push_str(&format!("\n[integrations.{}]\n", self.name));
         kv(&mut out, "client_id", &self.client_id);

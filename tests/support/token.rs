@@ -331,7 +331,8 @@ impl TokenServer {
     }
 }
 
-async fn wait_for(counter: &watch::Sender<u64>, n: u64, what: &str) {
+/// Waits until `counter` reaches `n`; panics after [`WAIT`], naming `what` it waited for.
+pub async fn wait_for(counter: &watch::Sender<u64>, n: u64, what: &str) {
     let mut rx = counter.subscribe();
     let reached = tokio::time::timeout(WAIT, rx.wait_for(|seen| *seen >= n)).await;
     if !matches!(reached, Ok(Ok(_))) {

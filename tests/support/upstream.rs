@@ -56,6 +56,8 @@ pub const API_NAMES: &[&str] = &[
 pub struct Seen {
     pub method: Method,
     pub path: String,
+    /// The raw query string, if any.
+    pub query: Option<String>,
     pub version: Version,
     /// Arrived on the HTTPS listener.
     pub tls: bool,
@@ -226,6 +228,15 @@ impl TestApi {
     }
 
     /// The most recent request; panics if there was none.
+    /// The last `n` requests' answers and `Authorization` values, oldest first.
+    pub fn last_answers(&self, n: usize) -> Vec<(StatusCode, Vec<String>)> {
+        let seen = self.seen();
+        seen[seen.len().saturating_sub(n)..]
+            .iter()
+            .map(|s| (s.status, s.authorization()))
+            .collect()
+    }
+
     pub fn last(&self) -> Seen {
         self.state()
             .seen
@@ -353,6 +364,7 @@ async fn handle(
     let seen = Seen {
         method: parts.method.clone(),
         path: path.clone(),
+        query: parts.uri.query().map(str::to_owned),
         version: parts.version,
         tls,
         headers: parts.headers.clone(),
