@@ -107,10 +107,13 @@ async fn open_page(running: &Running, javascript: bool) -> Browser {
     }
     browser.open(&running.proxy.admin_url("/")).await;
     let rows = "[...document.querySelectorAll('#integrations tbody tr')]\
-        .map(r => [r.querySelector('.name').textContent, r.dataset.state]).sort()";
+        .map(r => [r.querySelector('.name').textContent, r.querySelector('.grant').textContent, r.dataset.state]).sort()";
     assert_eq!(
         browser.eval(rows).await,
-        json!([[BROKEN, "failed"], [INTEGRATION, "ok"]])
+        json!([
+            [BROKEN, "refresh_token", "failed"],
+            [INTEGRATION, "refresh_token", "ok"]
+        ])
     );
     browser
 }

@@ -118,7 +118,7 @@ fn header(html: &mut String, view: &View) {
 fn integrations(html: &mut String, view: &View) {
     html.push_str(concat!(
         "<section><h2>Integrations</h2><table id=\"integrations\"><thead><tr>",
-        "<th>Name</th><th>State</th><th>Token expires in</th><th>Last refresh</th>",
+        "<th>Name</th><th>Grant</th><th>State</th><th>Token expires in</th><th>Last refresh</th>",
         "<th class=\"count\">Refreshes</th><th>Recent</th><th>Last error</th><th></th>",
         "</tr></thead><tbody>\n",
     ));
@@ -128,8 +128,9 @@ fn integrations(html: &mut String, view: &View) {
         let _ = write!(
             html,
             "<tr id=\"integration-{name}\" data-state=\"{state}\"><td class=\"name\">{name}</td>\
-             <td><span class=\"state state-{state}\">{label}</span></td>",
+             <td class=\"grant\">{grant}</td><td><span class=\"state state-{state}\">{label}</span></td>",
             label = state.replace('_', " "),
+            grant = escape(status.grant),
         );
         let expires = match status.expires_at {
             Some(at) if at > view.now => human(at - view.now),
