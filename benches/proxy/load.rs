@@ -25,6 +25,7 @@ use tokio_rustls::client::TlsStream;
 
 use crate::BoxError;
 use crate::pki::API_HOST;
+use crate::process::ProxyProcess;
 use crate::servers::{Chunks, World};
 
 /// Through credproxy or not.
@@ -364,6 +365,8 @@ pub struct LoadResult {
     pub first_error: Option<String>,
     /// The proxy's CPU time during the measured window.
     pub cpu_secs: Option<f64>,
+    /// The proxy's instructions during the window (user space, `BENCH_CALLGRIND`).
+    pub instructions: Option<u64>,
     /// The bench process's (client + API) CPU time during the window.
     pub bench_cpu_secs: Option<f64>,
     /// CPU time of other user-space processes, and hypervisor steal.
@@ -433,9 +436,11 @@ impl LoadResult {
         }
         if first {
             self.cpu_secs = round.cpu_secs;
+            self.instructions = round.instructions;
             self.bench_cpu_secs = round.bench_cpu_secs;
         } else {
             self.cpu_secs = add(self.cpu_secs, round.cpu_secs);
+            self.instructions = self.instructions.zip(round.instructions).map(|(a, b)| a + b);
             self.bench_cpu_secs = add(self.bench_cpu_secs, round.bench_cpu_secs);
         }
         self.foreign_secs += round.foreign_secs;
@@ -538,14 +543,15 @@ async fn worker(net: Arc<Net>, spec: LoadSpec, control: Arc<Control>) -> WorkerR
 
 /// Opens `spec.conns` workers, waits until each has a connection, warms up,
 /// then measures for `measure`.
-/// `cpu` reads the proxy's CPU seconds at the start and end of the window;
-/// `proxy_pid` is left out of the "other processes" figure.
+/// `proxy` (the proxied side) has its CPU seconds, and under callgrind its
+/// instructions, read at the start and end of the window; `proxy_pid` is left
+/// out of the "other processes" figure.
 pub async fn run(
     net: &Arc<Net>,
     spec: LoadSpec,
     warmup: Duration,
     measure: Duration,
-    cpu: &dyn Fn() -> Option<f64>,
+    proxy: Option<&ProxyProcess>,
     proxy_pid: u32,
 ) -> LoadResult {
     let control = Arc::new(Control {
@@ -567,7 +573,10 @@ pub async fn run(
     tokio::time::sleep(warmup).await;
     let uploaded = &net.world.uploaded;
     let up0 = uploaded.load(Ordering::Acquire);
-    let cpu0 = cpu();
+    if let Some(proxy) = proxy {
+        proxy.callgrind_zero().await;
+    }
+    let cpu0 = proxy.and_then(ProxyProcess::cpu_secs);
     let own0 = crate::process::own_cpu_secs();
     let exclude = [std::process::id(), proxy_pid];
     let foreign0 = crate::process::foreign_cpu_secs(&exclude);
@@ -578,7 +587,11 @@ pub async fn run(
     tokio::time::sleep(measure).await;
     control.phase.store(STOP, Ordering::Release);
     let secs = t0.elapsed().as_secs_f64();
-    let cpu1 = cpu();
+    let cpu1 = proxy.and_then(ProxyProcess::cpu_secs);
+    let instructions = match proxy {
+        Some(proxy) => proxy.callgrind_dump().await,
+        None => None,
+    };
     let own1 = crate::process::own_cpu_secs();
     let idle1 = crate::process::idle_jiffies();
     let foreign_secs = crate::process::foreign_cpu_secs(&exclude) - foreign0;
@@ -593,6 +606,7 @@ pub async fn run(
     let mut total = LoadResult {
         secs,
         cpu_secs: cpu0.zip(cpu1).map(|(a, b)| b - a),
+        instructions,
         bench_cpu_secs: own0.zip(own1).map(|(a, b)| b - a),
         foreign_secs,
         steal_secs,

@@ -138,6 +138,9 @@ pub struct ProxyProcess {
     log: Arc<LogDrain>,
     /// The stderr pipe's capacity in bytes (0 if it could not be read).
     pub pipe_size: usize,
+    /// Under callgrind (`BENCH_CALLGRIND`): the profile's file name; each
+    /// measured window is dumped to `<file>.<n>`.
+    pub callgrind: Option<PathBuf>,
 }
 
 /// credproxy's stderr, read by a thread of the bench: the `listening` line is
@@ -203,8 +206,14 @@ impl LogState {
 
 impl ProxyProcess {
     /// Starts `credproxy run -c config` on [`PROXY_CPU`] (via `taskset`), and
-    /// waits for the `credproxy listening` line.
-    pub async fn start(binary: &Path, config: &Path, dir: &Path) -> Result<Self, BoxError> {
+    /// waits for the `credproxy listening` line. With `callgrind` (a directory),
+    /// credproxy runs under `valgrind --tool=callgrind`, profiles written there.
+    pub async fn start(
+        binary: &Path,
+        config: &Path,
+        dir: &Path,
+        callgrind: Option<&Path>,
+    ) -> Result<Self, BoxError> {
         let cpu = PROXY_CPU.to_string();
         let taskset_works = online_cpus() > PROXY_CPU
             && Command::new("taskset")
@@ -213,14 +222,23 @@ impl ProxyProcess {
                 .stderr(Stdio::null())
                 .status()
                 .is_ok_and(|s| s.success());
-        let mut command = if taskset_works {
-            let mut c = Command::new("taskset");
-            c.args(["-c", &cpu]).arg(binary);
-            c
-        } else {
-            Command::new(binary)
-        };
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if taskset_works {
+            argv.extend(["taskset".into(), "-c".into(), cpu.into()]);
+        }
+        if let Some(out) = callgrind {
+            fs::create_dir_all(out)?;
+            let file = out.join("callgrind.%p");
+            argv.extend([
+                "valgrind".into(),
+                "--tool=callgrind".into(),
+                format!("--callgrind-out-file={}", file.display()).into(),
+            ]);
+        }
+        argv.push(binary.into());
+        let mut command = Command::new(&argv[0]);
         command
+            .args(&argv[1..])
             .arg("run")
             .arg("-c")
             .arg(config)
@@ -259,8 +277,11 @@ impl ProxyProcess {
             pinning: String::new(),
             log,
             pipe_size: usize::try_from(pipe_size).unwrap_or(0),
+            callgrind: callgrind.map(|out| out.join(format!("callgrind.{pid}"))),
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Valgrind starts a program some fifty times slower.
+        let patience = if callgrind.is_some() { 300 } else { 30 };
+        let deadline = Instant::now() + Duration::from_secs(patience);
         loop {
             if let Some(status) = process.child.try_wait()? {
                 // Let the drain thread read what is left.
@@ -279,7 +300,7 @@ impl ProxyProcess {
             }
             if Instant::now() > deadline {
                 return Err(format!(
-                    "credproxy did not say it was listening within 30 s:\n{}",
+                    "credproxy did not say it was listening within {patience} s:\n{}",
                     process.log_tail()
                 )
                 .into());
@@ -361,6 +382,38 @@ impl ProxyProcess {
         self.status_field("Threads")?.parse().ok()
     }
 
+    /// Under callgrind: zeroes the instruction counter (the measured window starts).
+    pub async fn callgrind_zero(&self) {
+        if self.callgrind.is_some() {
+            let _ = callgrind_control("-z", self.pid).await;
+        }
+    }
+
+    /// Under callgrind: dumps the profile since the last zero and returns its
+    /// instruction count.
+    pub async fn callgrind_dump(&self) -> Option<u64> {
+        let file = self.callgrind.as_ref()?;
+        if !callgrind_control("-d", self.pid).await {
+            return None;
+        }
+        // Dumps are numbered <file>.1, <file>.2, …: the newest is this one.
+        let dir = file.parent()?;
+        let prefix = format!("{}.", file.file_name()?.to_string_lossy());
+        let newest = fs::read_dir(dir)
+            .ok()?
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let n: u64 = name.strip_prefix(&prefix)?.parse().ok()?;
+                Some((n, entry.path()))
+            })
+            .max()?;
+        fs::read_to_string(newest.1)
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("summary:")?.trim().parse().ok())
+    }
+
     /// SIGTERM, then up to 15 s for the graceful stop, then SIGKILL. Async:
     /// the API on this thread may have to answer during the stop.
     pub async fn stop(mut self) {
@@ -380,6 +433,18 @@ impl ProxyProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `callgrind_control FLAG PID`, awaited (the API on this thread keeps serving).
+async fn callgrind_control(flag: &str, pid: u32) -> bool {
+    tokio::process::Command::new("callgrind_control")
+        .arg(flag)
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|s| s.success())
 }
 
 /// CPU time of every user-space process except `exclude` (this bench and

@@ -59,6 +59,11 @@ impl Metric {
         self
     }
 
+    pub fn goal_opt(mut self, goal: Option<Goal>) -> Self {
+        self.goal = goal;
+        self
+    }
+
     fn ratio(&self) -> Option<f64> {
         let (d, p) = (self.direct?, self.proxy?);
         (d > 0.0 && d.is_finite() && p.is_finite()).then(|| p / d)
