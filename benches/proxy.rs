@@ -348,7 +348,8 @@ impl Ctx {
             let pid = proxy.pid;
             let net = &self.net;
             direct.absorb(load::run(net, run(Mode::Direct), warmup, s.round, None, pid).await);
-            let proxied_round = load::run(net, run(Mode::Proxied), warmup, s.round, Some(proxy), pid);
+            let proxied_round =
+                load::run(net, run(Mode::Proxied), warmup, s.round, Some(proxy), pid);
             proxied.absorb(proxied_round.await);
         }
         let peak = if reset { self.peak_mib() } else { None };

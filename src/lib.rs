@@ -18,7 +18,7 @@
 //! - `proxy` (+ `proxy/`): the forward proxy: client authentication and routes,
 //!   CONNECT interception or tunnel, injection, upstream pool, the dialer that
 //!   applies `egress` to unrouted traffic, 401 retry, upgrades (WebSocket)
-//!   relayed as tunnels, error responses.
+//!   relayed as tunnels, error responses, the per-request log line.
 //! - `server`: accept loops and graceful shutdown.
 //! - `ca` (+ `ca/mint`): the local CA and the leaf certificates minted from it.
 //! - `metrics`: Prometheus counters, histograms and gauges.

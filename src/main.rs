@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use credproxy::cli::{CaCommand, Cli, Command, LogFormat, StateCommand};
 use credproxy::error::Error;
+use credproxy::proxy::access_log;
 use credproxy::report;
 use credproxy::signals::{Signal, Signals};
 use credproxy::{app, commands, config, exec};
@@ -278,14 +279,20 @@ fn init_logging(
             64 * 1024,
             std::io::stderr(),
         ));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // Request lines skip the general-purpose formatter (same bytes); with
+    // colours on a terminal they go through it.
+    match format {
+        LogFormat::Text if !ansi => access_log::install(access_log::Format::Text, writer.clone()),
+        LogFormat::Text => {}
+        LogFormat::Json => access_log::install(access_log::Format::Json, writer.clone()),
+    }
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
         .with_target(false);
     match format {
-        LogFormat::Text => logs
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
+        LogFormat::Text => logs.with_ansi(ansi).init(),
         LogFormat::Json => logs.json().init(),
     }
     guard

@@ -7,6 +7,7 @@
 //! trust) lives in one `Routing`, swapped whole; each request and each tunnel
 //! keeps the `Routing` it started with until it finishes.
 
+pub mod access_log;
 mod clients;
 mod connect;
 pub mod dial;

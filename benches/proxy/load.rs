@@ -440,7 +440,10 @@ impl LoadResult {
             self.bench_cpu_secs = round.bench_cpu_secs;
         } else {
             self.cpu_secs = add(self.cpu_secs, round.cpu_secs);
-            self.instructions = self.instructions.zip(round.instructions).map(|(a, b)| a + b);
+            self.instructions = self
+                .instructions
+                .zip(round.instructions)
+                .map(|(a, b)| a + b);
             self.bench_cpu_secs = add(self.bench_cpu_secs, round.bench_cpu_secs);
         }
         self.foreign_secs += round.foreign_secs;

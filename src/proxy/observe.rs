@@ -15,6 +15,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::access_log;
 use super::tunnel::Transferred;
 use crate::body::{BoxError, ProxyBody};
 
@@ -54,22 +55,18 @@ impl Line {
     /// `bytes` went back to the client; `bytes_up` came from it, for an
     /// upgraded connection (a request body is not counted).
     fn write(&self, bytes: u64, bytes_up: Option<u64>) {
-        let latency = format_args!("{:.1}ms", self.start.elapsed().as_secs_f64() * 1000.0);
-        let (method, host, route, status, client) = (
-            &self.method,
-            &*self.host,
-            &*self.route,
-            self.status.as_u16(),
-            &*self.client,
-        );
-        match self.peer {
-            Some(peer) => {
-                tracing::info!(%method, host, route, status, bytes, bytes_up, %latency, client, %peer, "request")
-            }
-            None => {
-                tracing::info!(%method, host, route, status, bytes, bytes_up, %latency, client, "request")
-            }
+        access_log::Fields {
+            method: &self.method,
+            host: &self.host,
+            route: &self.route,
+            status: self.status.as_u16(),
+            bytes,
+            bytes_up,
+            latency: self.start.elapsed(),
+            client: &self.client,
+            peer: self.peer,
         }
+        .log();
     }
 
     /// The line of an upgraded connection, once it has closed.
