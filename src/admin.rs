@@ -145,15 +145,27 @@ impl Admin {
                     })
                     .map(|i| i.name())
                     .collect();
-                let status = if not_ready.is_empty() {
-                    StatusCode::OK
-                } else {
-                    StatusCode::SERVICE_UNAVAILABLE
-                };
-                json(
-                    status,
-                    &serde_json::json!({ "ready": not_ready.is_empty(), "not_ready": not_ready }),
-                )
+                let store = self.state.store();
+                match (not_ready.is_empty(), store.reachable()) {
+                    (true, _) => json(
+                        StatusCode::OK,
+                        &serde_json::json!({ "ready": true, "not_ready": not_ready }),
+                    ),
+                    // A token is needed and the one place it can come from is down.
+                    (false, false) => json(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &serde_json::json!({
+                            "ready": false,
+                            "not_ready": not_ready,
+                            "error": "state_store_unreachable",
+                            "message": format!("{}: unreachable", store.describe()),
+                        }),
+                    ),
+                    (false, true) => json(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &serde_json::json!({ "ready": false, "not_ready": not_ready }),
+                    ),
+                }
             }
             (&Method::GET, ["metrics"]) => match self.state.metrics().encode() {
                 Ok(text) => typed(text, "text/plain; version=0.0.4; charset=utf-8"),
@@ -195,7 +207,7 @@ impl Admin {
                     &format!("no integration named {name:?}"),
                 ),
             },
-            (&Method::POST, ["reload"]) => match self.state.reload() {
+            (&Method::POST, ["reload"]) => match self.state.reload().await {
                 Ok(needs_restart) => json(
                     StatusCode::OK,
                     &serde_json::json!({ "reloaded": true, "needs_restart": needs_restart }),
@@ -233,7 +245,7 @@ impl Admin {
             .encode()
             .map(|text| figures::by_route(&text))
             .unwrap_or_default();
-        let store = self.state.store();
+        let store = self.state.store().describe();
         // Only a configured integration's name is echoed back.
         let query: Vec<(String, String)> = request
             .uri()

@@ -20,7 +20,7 @@ use crate::oauth::OAuthClient;
 use crate::proxy::dial::{Resolve, SystemResolver};
 use crate::proxy::{Proxy, sidecar};
 use crate::server::{self, Admission, ShutdownTrigger};
-use crate::state;
+use crate::state::{self, StateStore};
 use crate::tokens::Tokens;
 
 /// How long a stop waits for in-flight requests.
@@ -55,10 +55,10 @@ pub async fn start_with(
     overrides.apply(&mut config);
     let config = &config;
     refuse_open_listeners(config, !overrides.no_admin)?;
-    let store = state::open(&config.state.path, config.state.key.as_ref())?;
-    let tokens = Tokens::new(config, store.clone(), OAuthClient::new(&config.upstream)?)?;
+    let store = state::open(&config.state, &config.upstream).await?;
+    let tokens = Tokens::new(config, store.clone(), OAuthClient::new(&config.upstream)?).await?;
     let tokens = Arc::new(ArcSwap::from_pointee(tokens));
-    let metrics = Arc::new(Metrics::new(tokens.clone()));
+    let metrics = Arc::new(Metrics::new(tokens.clone(), store.metrics()));
     let (ca, created) = ca::load_or_create(&config.ca)?;
     if created {
         tracing::info!(cert = %ca.cert_path.display(), "created the local CA; clients must trust it");

@@ -72,8 +72,6 @@ pub enum AuthorizeError {
     Exchange(#[from] RefreshError),
     #[error(transparent)]
     State(#[from] StateError),
-    #[error("the state write stopped unexpectedly")]
-    Interrupted(#[source] tokio::task::JoinError),
 }
 
 impl AuthorizeError {
@@ -266,7 +264,7 @@ impl Flow {
     ) -> Result<OffsetDateTime, AuthorizeError> {
         // Opened first: a store that cannot take the tokens (a wrong key) must
         // fail before the single-use code is spent.
-        let store = state::open(&config.state.path, config.state.key.as_ref())?;
+        let store = state::open(&config.state, &config.upstream).await?;
         let client = OAuthClient::new(&config.upstream)?;
         let response = client
             .exchange_code(&self.integration.name, &self.grant, code, &self.verifier)
@@ -294,13 +292,8 @@ impl Flow {
             updated_at: now,
             sealed: false,
         };
-        let name = self.integration.name.clone();
-        tokio::task::spawn_blocking(move || {
-            let _lock = store.lock(&name)?;
-            store.save(&name, &entry)
-        })
-        .await
-        .map_err(AuthorizeError::Interrupted)??;
+        let mut held = store.lock(&self.integration.name).await?;
+        held.save(&entry).await?;
         Ok(expires_at)
     }
 }

@@ -115,13 +115,27 @@ pub enum Command {
     /// Manage the local certificate authority that clients trust.
     #[command(subcommand)]
     Ca(CaCommand),
-    /// The state store: the key that seals its tokens at rest.
+    /// The state store ([state] path or url): inspect it, fill it from a state
+    /// file, or manage the key that seals its tokens at rest.
     #[command(subcommand)]
     State(StateCommand),
 }
 
 #[derive(Debug, Subcommand)]
 pub enum StateCommand {
+    /// List each stored entry: name, grant, expiry, last update, sealed or not.
+    /// Never a token.
+    Show,
+    /// Copy a state file's entries into the configured store (e.g. moving from
+    /// [state] path to a PostgreSQL url without re-authorizing). An entry the
+    /// store already has is kept unless --force.
+    Import {
+        /// The state file to read (e.g. state/tokens.json).
+        file: PathBuf,
+        /// Replace entries the store already has.
+        #[arg(long)]
+        force: bool,
+    },
     /// Print a fresh key for `[state] key` (32 random bytes from the operating
     /// system, base64). Keep it like a password: it opens every stored token.
     Keygen,

@@ -1,7 +1,8 @@
 //! The one-shot commands: `check`, `token`, `ca init`, `ca bundle`, `state
 //! keygen`, `state rekey`, `env`. They return what to print; `main` prints it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use time::OffsetDateTime;
@@ -14,14 +15,15 @@ use crate::oauth::OAuthClient;
 use crate::report;
 use crate::secret::Secret;
 use crate::secret::StateKey;
+use crate::state::{self, FileStore, SealedStore, StateStore};
 use crate::tokens::{Reason, Tokens};
-use crate::{ca, state, tokens};
+use crate::{ca, tokens};
 
 /// Opens the state store and builds the token store of `config`.
-pub fn open_tokens(config: &Config) -> Result<Tokens, Error> {
-    let store = state::open(&config.state.path, config.state.key.as_ref())?;
+pub async fn open_tokens(config: &Config) -> Result<Tokens, Error> {
+    let store = state::open(&config.state, &config.upstream).await?;
     let client = OAuthClient::new(&config.upstream)?;
-    Ok(Tokens::new(config, store, client)?)
+    Ok(Tokens::new(config, store, client).await?)
 }
 
 /// The outcome of `check`: one line per integration, and whether all succeeded.
@@ -32,7 +34,7 @@ pub struct CheckReport {
 
 /// Refreshes every integration once, concurrently.
 pub async fn check(config: &Config) -> Result<CheckReport, Error> {
-    let tokens = open_tokens(config)?;
+    let tokens = open_tokens(config).await?;
     let mut tasks = tokio::task::JoinSet::new();
     for (index, integration) in tokens.iter().enumerate() {
         let integration = integration.clone();
@@ -71,7 +73,7 @@ pub async fn check(config: &Config) -> Result<CheckReport, Error> {
 
 /// NAME's access token, refreshed first if missing or about to expire.
 pub async fn token(config: &Config, name: &str) -> Result<Secret, Error> {
-    let tokens = open_tokens(config)?;
+    let tokens = open_tokens(config).await?;
     let integration = tokens.get(name).ok_or_else(|| {
         Error::Usage(format!(
             "{}: no integration named {name:?} (configured: {})",
@@ -89,6 +91,75 @@ pub async fn token(config: &Config, name: &str) -> Result<Secret, Error> {
             .await
             .map_err(|_| Error::Failed(format!("{name}: the refresh did not finish in time")))??;
     Ok(snapshot.access_token.clone())
+}
+
+/// `state show`: one line per stored entry, never a token.
+pub async fn state_show(config: &Config) -> Result<Vec<String>, Error> {
+    let store = state::open(&config.state, &config.upstream).await?;
+    let now = OffsetDateTime::now_utc();
+    let lines = store
+        .list()
+        .await?
+        .into_iter()
+        .map(|entry| {
+            let expiry = match entry.expires_at {
+                Some(at) if at > now => {
+                    format!("expires {} (in {})", rfc3339(at), human_duration(at - now))
+                }
+                Some(at) => format!("expired {} ({} ago)", rfc3339(at), human_duration(now - at)),
+                None => "no access token".to_owned(),
+            };
+            let configured = if config.integration(&entry.integration).is_some() {
+                ""
+            } else {
+                " (not in the config)"
+            };
+            format!(
+                "{}: grant refresh_token, {expiry}, updated {}, {}{configured}",
+                entry.integration,
+                rfc3339(entry.updated_at),
+                if entry.sealed { "sealed" } else { "not sealed" },
+            )
+        })
+        .collect();
+    Ok(lines)
+}
+
+/// `state import FILE`: copies the file's entries into the configured store,
+/// each under its integration's lock. Returns one line per entry.
+pub async fn state_import(config: &Config, file: &Path, force: bool) -> Result<Vec<String>, Error> {
+    // A missing file reads as an empty store; for an import that is a typo.
+    std::fs::metadata(file)
+        .map_err(|e| Error::Failed(format!("{}: cannot read state file: {e}", file.display())))?;
+    // Read with the configured key (a sealed file opens with it), sealing nothing.
+    let source = SealedStore::reader(Arc::new(FileStore::open(file)?), config.state.key.as_ref());
+    let entries = source.entries().await?;
+    let store = state::open(&config.state, &config.upstream).await?;
+    let mut lines = Vec::new();
+    for (name, entry) in entries {
+        let mut held = store.lock(&name).await?;
+        let line = match held.load().await? {
+            Some(_) if !force => {
+                format!("{name}: kept (the store already has it; --force replaces it)")
+            }
+            existing => {
+                held.save(&entry).await?;
+                let done = if existing.is_some() {
+                    "replaced"
+                } else {
+                    "imported"
+                };
+                format!("{name}: {done}")
+            }
+        };
+        lines.push(line);
+    }
+    Ok(lines)
+}
+
+fn rfc3339(at: OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 /// Creates the CA if missing; with `constrain`, one limited to the routed
@@ -124,7 +195,7 @@ pub fn state_keygen() -> Result<Zeroizing<String>, Error> {
 
 /// Re-seals the store under the key in environment variable `new_key_var`.
 /// Returns what to tell the operator.
-pub fn state_rekey(config: &Config, new_key_var: &str) -> Result<String, Error> {
+pub async fn state_rekey(config: &Config, new_key_var: &str) -> Result<String, Error> {
     let text = std::env::var(new_key_var).map_err(|_| {
         Error::Usage(format!(
             "--new-key {new_key_var}: environment variable {new_key_var} is not set"
@@ -132,7 +203,7 @@ pub fn state_rekey(config: &Config, new_key_var: &str) -> Result<String, Error> 
     })?;
     let new_key = StateKey::from_base64(&text)
         .map_err(|e| Error::Usage(format!("--new-key {new_key_var}: the value {e}")))?;
-    let store = state::open(&config.state.path, config.state.key.as_ref())?;
+    let store = state::open(&config.state, &config.upstream).await?;
     // The config's integrations too: one not yet in the store must not write
     // under the old key while the others move to the new one.
     let names: Vec<&str> = config
@@ -140,10 +211,10 @@ pub fn state_rekey(config: &Config, new_key_var: &str) -> Result<String, Error> 
         .iter()
         .map(|i| i.name.as_str())
         .collect();
-    let count = store.rekey(&new_key, &names)?;
+    let count = store.rekey(&new_key, &names).await?;
     Ok(format!(
         "{}: re-sealed {count} {} under the new key. Now set [state] key to it for every process that shares this store (SIGHUP reloads it); until then they report \"wrong or missing [state] key\" and keep serving their current tokens.",
-        config.state.path.display(),
+        config.state,
         if count == 1 { "entry" } else { "entries" }
     ))
 }

@@ -33,7 +33,7 @@ pub use integration::{
 pub use limits::Limits;
 pub use proxy::{AdminConfig, ClientRoutes, ProxyClient, ProxyConfig, Unrouted};
 pub use routes::{Route, Sidecar};
-pub use state::StateConfig;
+pub use state::{StateConfig, StoreConfig};
 pub use upstream::{ExtraCa, UpstreamConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -478,7 +478,12 @@ upstream = "https://content.dropboxapi.com"
         let config = parse_text("").unwrap();
         assert_eq!(config.proxy.listen.to_string(), DEFAULT_PROXY_LISTEN);
         assert_eq!(config.admin.listen.to_string(), DEFAULT_ADMIN_LISTEN);
-        assert_eq!(config.state.path, PathBuf::from(DEFAULT_STATE_PATH));
+        assert_eq!(
+            config.state.store,
+            StoreConfig::File {
+                path: PathBuf::from(DEFAULT_STATE_PATH)
+            }
+        );
         assert_eq!(config.proxy.unrouted, Unrouted::Tunnel);
     }
 

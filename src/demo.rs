@@ -472,7 +472,10 @@ mod tests {
         assert_eq!(config.admin.listen, admin);
         assert_eq!(config.ca.cert, world.ca_cert_path());
         assert!(config.ca.key.starts_with(world.dir()));
-        assert!(config.state.path.starts_with(world.dir()));
+        assert!(matches!(
+            &config.state.store,
+            crate::config::StoreConfig::File { path } if path.starts_with(world.dir())
+        ));
         assert!(world.dir().is_absolute());
         let extra = config.upstream.extra_ca.as_ref().unwrap();
         assert_eq!(extra.path, world.upstream_ca_path());

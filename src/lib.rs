@@ -27,8 +27,10 @@
 //! - `oauth` (+ `oauth/`): one token request by the integration's grant
 //!   (refresh_token, client_credentials, jwt_bearer assertions, GitHub App
 //!   installation tokens, static).
-//! - `state` (+ `state/seal`, `state/sealed`): the state file (atomic writes, 0600,
-//!   cross-process lock), and the AES-256-GCM sealing of every stored token under
+//! - `state` (+ `state/`): the state store seam and its two stores — `file` (atomic
+//!   writes, 0600, `flock`) and `postgres` (many replicas: database lock, revision
+//!   compare-and-set, LISTEN/NOTIFY, schema migration; `url`: libpq URL and TLS) — and
+//!   their `metrics`; `seal`/`sealed`: AES-256-GCM sealing of every stored token under
 //!   `[state] key`, wrapped around the store.
 //! - `tls`: the crypto provider and root store for outbound TLS.
 //! - `config` (+ `config/`): the TOML file, validated; one file per section

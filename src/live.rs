@@ -13,7 +13,7 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::oauth::OAuthClient;
 use crate::proxy::Proxy;
-use crate::state::{SealedStore, StateStore, StoreInfo};
+use crate::state::{SealedStore, StateStore};
 use crate::tokens::{Refreshers, Tokens};
 
 /// What the admin API and a reload work on.
@@ -29,7 +29,7 @@ pub struct State {
     /// Applied to every config this process loads, the reloaded ones too.
     overrides: Overrides,
     /// One reload at a time (SIGHUP and the admin API may race).
-    reloading: Mutex<()>,
+    reloading: tokio::sync::Mutex<()>,
 }
 
 /// What `exec` changes in the config it runs: the proxy listens on a port of
@@ -75,7 +75,7 @@ impl State {
             refreshers,
             started,
             overrides,
-            reloading: Mutex::new(()),
+            reloading: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -92,27 +92,27 @@ impl State {
         self.proxy.routes()
     }
 
-    pub fn store(&self) -> StoreInfo {
-        self.store.describe()
+    pub fn store(&self) -> &dyn StateStore {
+        &*self.store
     }
 
     /// Re-reads the config file and swaps in its routes, integrations and
     /// settings. Integrations whose settings did not change keep their tokens.
     /// An invalid file changes nothing. Returns the changes that need a restart.
-    pub fn reload(&self) -> Result<Vec<String>, Error> {
-        let _one_at_a_time = lock(&self.reloading);
+    pub async fn reload(&self) -> Result<Vec<String>, Error> {
+        let _one_at_a_time = self.reloading.lock().await;
         let mut new = config::load(&self.started.source)?;
         self.overrides.apply(&mut new);
         // A new key (the fleet step after `credproxy state rekey`) is taken
         // only if every entry opens with it.
         if new.state.key != self.store.key() {
-            self.store.use_key(new.state.key.as_ref())?;
+            self.store.use_key(new.state.key.as_ref()).await?;
         }
-        let tokens = self.tokens.load().reloaded(
-            &new,
-            self.store.clone(),
-            OAuthClient::new(&new.upstream)?,
-        )?;
+        let tokens = self
+            .tokens
+            .load()
+            .reloaded(&new, self.store.clone(), OAuthClient::new(&new.upstream)?)
+            .await?;
         self.proxy.reload(&new, &tokens)?;
         self.tokens.store(Arc::new(tokens));
         lock(&self.refreshers).sync(&self.tokens.load());
@@ -125,8 +125,8 @@ impl State {
     }
 
     /// `reload`, with its outcome logged: for SIGHUP, which has no one to answer.
-    pub fn reload_logged(&self) {
-        match self.reload() {
+    pub async fn reload_logged(&self) {
+        match self.reload().await {
             Ok(restart) if restart.is_empty() => tracing::info!("config reloaded"),
             Ok(restart) => {
                 tracing::warn!(needs_restart = ?restart, "config reloaded; some changes need a restart")
@@ -156,7 +156,7 @@ fn needs_restart(started: &Config, new: &Config) -> Vec<String> {
             "ca",
             started.ca.cert != new.ca.cert || started.ca.key != new.ca.key,
         ),
-        ("state.path", started.state.path != new.state.path),
+        ("state", started.state.store != new.state.store),
         ("sidecars", listens(started) != listens(new)),
         ("limits", started.limits != new.limits),
     ]

@@ -49,7 +49,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             let running = app::start(&load()?).await?;
             let mut signals = Signals::new()?;
             while signals.next().await == Signal::Hangup {
-                running.state.reload_logged();
+                running.state.reload_logged().await;
             }
             tracing::info!("stopping: letting in-flight requests finish");
             running.stop().await;
@@ -103,6 +103,23 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             println!("{}", ca.cert_path.display());
             Ok(ExitCode::SUCCESS)
         }
+        Command::State(StateCommand::Show) => {
+            let config = load()?;
+            let lines = commands::state_show(&config).await?;
+            if lines.is_empty() {
+                eprintln!("{}: no entries", config.state);
+            }
+            for line in &lines {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::State(StateCommand::Import { file, force }) => {
+            for line in commands::state_import(&load()?, &file, force).await? {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Ca(CaCommand::Bundle) => {
             println!("{}", commands::ca_bundle(&load()?)?.display());
             Ok(ExitCode::SUCCESS)
@@ -113,7 +130,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             Ok(ExitCode::SUCCESS)
         }
         Command::State(StateCommand::Rekey { new_key }) => {
-            println!("{}", commands::state_rekey(&load()?, &new_key)?);
+            println!("{}", commands::state_rekey(&load()?, &new_key).await?);
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -222,7 +239,7 @@ async fn authorize(
     let expires_at = flow.complete(config, &code).await?;
     println!(
         "{name}: authorized; refresh token stored in {} (access token expires in {}). `credproxy check` and `credproxy run` use it from now on.",
-        config.state.path.display(),
+        config.state,
         commands::human_duration(expires_at - time::OffsetDateTime::now_utc())
     );
     Ok(ExitCode::SUCCESS)

@@ -18,6 +18,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use time::OffsetDateTime;
 
+use crate::state::StoreMetrics;
 use crate::tokens::Tokens;
 
 /// The route label of requests that matched no route.
@@ -141,8 +142,9 @@ impl TunnelKind {
 
 impl Metrics {
     /// `tokens` is read at each scrape (it is swapped on reload).
-    pub fn new(tokens: Arc<ArcSwap<Tokens>>) -> Self {
+    pub fn new(tokens: Arc<ArcSwap<Tokens>>, store: &StoreMetrics) -> Self {
         let mut registry = Registry::with_prefix("credproxy");
+        store.register(&mut registry);
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "requests",

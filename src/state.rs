@@ -2,32 +2,36 @@
 //! lost; only the refresh_token grant has one), its current access token and
 //! expiry, and the fingerprint of the config credentials it was obtained with.
 //!
-//! The embedded default is a JSON file, mode 0600, only ever replaced atomically
-//! (temp file, fsync, rename, directory fsync). A per-integration lock file,
-//! held across the token exchange, makes refreshes single-flight across
-//! processes that share the file. A shared database store for many replicas can
-//! implement [`StateStore`] later.
+//! Two stores behind one seam, [`StateStore`]: a JSON file (`file`, the embedded
+//! default, one machine) and PostgreSQL (`postgres`, many replicas). Both make a
+//! refresh single-flight across everything that shares them: the refresh runs
+//! while holding a [`StateLock`] on its integration, and re-reads under it.
 //!
-//! With a `[state] key`, every store is wrapped in a [`SealedStore`], which
+//! With a `[state] key`, the store is wrapped in a [`SealedStore`], which
 //! seals each token before the store sees it (`seal`, `sealed`).
 
+pub mod file;
+pub mod metrics;
+pub mod postgres;
 pub mod seal;
 pub mod sealed;
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
+use tokio::sync::broadcast;
 
 use crate::secret::Secret;
+pub use file::FileStore;
+pub use metrics::StoreMetrics;
+pub use postgres::{DatabaseUrl, PgStore};
 pub use sealed::SealedStore;
-
-const FORMAT_VERSION: u32 = 1;
 
 /// One integration's persisted tokens.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -89,11 +93,24 @@ impl Entry {
     }
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StateFile {
-    version: u32,
-    integrations: BTreeMap<String, Entry>,
+/// What `credproxy state show` lists about an entry: never a token, so it can
+/// be shown without any key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    pub integration: String,
+    pub expires_at: Option<OffsetDateTime>,
+    pub updated_at: OffsetDateTime,
+    /// Tokens stored sealed (encrypted) rather than in clear.
+    pub sealed: bool,
+}
+
+/// A change another process (or this one) made to a shared store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// This integration's entry was written.
+    Entry(String),
+    /// Changes may have been missed (the connection was lost): re-read everything.
+    All,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,7 +119,7 @@ pub enum StateError {
     Read {
         path: PathBuf,
         #[source]
-        source: io::Error,
+        source: std::io::Error,
     },
     #[error(
         "{}: state file is corrupt ({detail}); it was left untouched because it may hold the only valid refresh token — repair it or move it away",
@@ -113,14 +130,46 @@ pub enum StateError {
     Write {
         path: PathBuf,
         #[source]
-        source: io::Error,
+        source: std::io::Error,
     },
     #[error("{}: cannot take lock", path.display())]
     Lock {
         path: PathBuf,
         #[source]
-        source: io::Error,
+        source: std::io::Error,
     },
+    #[error("{store}: unreachable ({what})")]
+    Unreachable {
+        store: String,
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{store}: {what} did not finish within {seconds} s")]
+    Timeout {
+        store: String,
+        what: &'static str,
+        seconds: u64,
+    },
+    #[error("{store}: {what} failed")]
+    Database {
+        store: String,
+        what: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("{store}: {message}")]
+    Schema { store: String, message: String },
+    #[error("{store}: cannot set up TLS")]
+    Tls {
+        store: String,
+        #[source]
+        source: crate::tls::TlsError,
+    },
+    #[error(
+        "{store}: {integration}: the entry changed while this process's lock was lost; the stored chain wins"
+    )]
+    Conflict { store: String, integration: String },
     #[error("{store}: {integration}: wrong or missing [state] key: {reason}")]
     Key {
         store: String,
@@ -136,35 +185,68 @@ pub enum StateError {
     },
 }
 
-/// Held while one process refreshes one integration; dropping it releases the lock.
-pub struct StateLock {
-    _held: Box<dyn Send>,
+impl StateError {
+    /// The error's kind, for the `credproxy_state_errors_total` metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Read { .. } | Self::Write { .. } | Self::Lock { .. } => "io",
+            Self::Corrupt { .. } | Self::Schema { .. } | Self::Tls { .. } => "corrupt",
+            Self::Key { .. } | Self::Seal { .. } => "key",
+            Self::Unreachable { .. } => "unreachable",
+            Self::Timeout { .. } => "timeout",
+            Self::Database { .. } => "query",
+            Self::Conflict { .. } => "conflict",
+        }
+    }
+
+    /// True when the store could not be reached at all (rather than refusing).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, Self::Unreachable { .. } | Self::Timeout { .. })
+    }
 }
 
-/// Where tokens persist. Methods block (file or network I/O): call them from
-/// `spawn_blocking`.
+/// What `update_all` applies to each entry.
+pub type UpdateFn<'f> = dyn FnMut(&str, Entry) -> Result<Entry, StateError> + Send + 'f;
+
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StateError>> + Send + 'a>>;
+
+/// Where tokens persist.
 pub trait StateStore: Send + Sync + 'static {
-    fn load(&self, integration: &str) -> Result<Option<Entry>, StateError>;
-    /// Exclusive across processes; waits for a holder to finish.
-    fn lock(&self, integration: &str) -> Result<StateLock, StateError>;
-    fn save(&self, integration: &str, entry: &Entry) -> Result<(), StateError>;
-    /// What the status page shows about the store. Does no I/O.
+    /// What the status page and messages show about the store. Does no I/O.
     fn describe(&self) -> StoreInfo;
+
+    /// The stored entry, read without any lock.
+    fn load<'a>(&'a self, integration: &'a str) -> StoreFuture<'a, Option<Entry>>;
+
+    /// Every entry, sorted by integration.
+    fn list(&self) -> StoreFuture<'_, Vec<Summary>>;
+
+    /// Exclusive across every process sharing the store; waits for a holder to
+    /// finish. Released when the returned guard drops, or when this process dies.
+    fn lock<'a>(&'a self, integration: &'a str) -> StoreFuture<'a, Box<dyn StateLock>>;
+
+    /// Changes made by anyone sharing the store, for stores that announce them
+    /// (the file store does not: `None`). The first call starts following them.
+    fn changes(&self) -> Option<broadcast::Receiver<Change>>;
+
     /// Every entry, by integration.
-    fn entries(&self) -> Result<BTreeMap<String, Entry>, StateError>;
+    fn entries(&self) -> StoreFuture<'_, BTreeMap<String, Entry>>;
+
     /// Replaces every entry with `f`'s result in one atomic step: all of them
     /// or none (an error from `f` writes nothing). The caller holds the locks
     /// that keep refreshes out.
-    fn update_all(
-        &self,
-        f: &mut dyn FnMut(&str, Entry) -> Result<Entry, StateError>,
-    ) -> Result<(), StateError>;
+    fn update_all<'a>(&'a self, f: &'a mut UpdateFn<'_>) -> StoreFuture<'a, ()>;
+
+    /// False while the store cannot be reached (the last attempt failed).
+    fn reachable(&self) -> bool;
+
+    fn metrics(&self) -> &StoreMetrics;
 }
 
 /// A store as an operator sees it: never a password or a token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreInfo {
-    /// "file", or another store's kind.
+    /// "file" or "postgresql".
     pub kind: &'static str,
     /// The file's path, or the database without its credentials.
     pub location: String,
@@ -172,15 +254,40 @@ pub struct StoreInfo {
     pub sealed: bool,
 }
 
+impl std::fmt::Display for StoreInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} state store {}", self.kind, self.location)
+    }
+}
+
+/// One integration's lock, held. Reads and writes through it see and make the
+/// integration's latest state.
+pub trait StateLock: Send {
+    /// Re-reads the entry: another process may have refreshed while we waited.
+    fn load(&mut self) -> StoreFuture<'_, Option<Entry>>;
+
+    /// Writes the entry; it is committed (durable, visible to every sharer)
+    /// when this returns Ok. Refused with `Conflict` when someone else wrote the
+    /// entry since it was last read through this lock (the lock was lost).
+    fn save<'a>(&'a mut self, entry: &'a Entry) -> StoreFuture<'a, ()>;
+}
+
 /// The configured store, sealed with the `[state] key` when there is one.
 /// Every sealed entry is opened once here, so a wrong or missing key is an
 /// error before anything is read for use, written or refreshed.
-pub fn open(
-    path: &Path,
-    key: Option<&crate::secret::StateKey>,
-) -> Result<std::sync::Arc<SealedStore>, StateError> {
-    let file = FileStore::open(path)?;
-    SealedStore::open(std::sync::Arc::new(file), key).map(std::sync::Arc::new)
+pub async fn open(
+    config: &crate::config::StateConfig,
+    upstream: &crate::config::UpstreamConfig,
+) -> Result<Arc<SealedStore>, StateError> {
+    let inner: Arc<dyn StateStore> = match &config.store {
+        crate::config::StoreConfig::File { path } => Arc::new(FileStore::open(path)?),
+        crate::config::StoreConfig::Postgres { url } => {
+            Arc::new(PgStore::open(url, upstream).await?)
+        }
+    };
+    SealedStore::open(inner, config.key.as_ref())
+        .await
+        .map(Arc::new)
 }
 
 /// A hash of a config refresh token, to notice when the config's token changed
@@ -191,280 +298,10 @@ pub fn fingerprint(refresh_token: &Secret) -> String {
     format!("sha256:{hex}")
 }
 
-// === impl FileStore ===
-
-pub struct FileStore {
-    path: PathBuf,
-}
-
-impl FileStore {
-    /// Opens the store at `path`, reading it once so a corrupt or unreadable file
-    /// is an error at start rather than at the first refresh.
-    pub fn open(path: &Path) -> Result<Self, StateError> {
-        let store = Self {
-            path: path.to_owned(),
-        };
-        store.read()?;
-        Ok(store)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    fn read(&self) -> Result<StateFile, StateError> {
-        let bytes = match fs::read(&self.path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(StateFile::default()),
-            Err(source) => {
-                return Err(StateError::Read {
-                    path: self.path.clone(),
-                    source,
-                });
-            }
-        };
-        let corrupt = |detail: String| StateError::Corrupt {
-            path: self.path.clone(),
-            detail,
-        };
-        // serde_json's messages can quote the offending value, which may be a
-        // token: report only the kind of error and where it is.
-        let file: StateFile = serde_json::from_slice(&bytes).map_err(|e| {
-            corrupt(format!(
-                "{} at line {}, column {}",
-                match e.classify() {
-                    serde_json::error::Category::Eof => "unexpected end of file",
-                    serde_json::error::Category::Syntax => "invalid JSON",
-                    _ => "unexpected content",
-                },
-                e.line(),
-                e.column()
-            ))
-        })?;
-        if file.version != FORMAT_VERSION {
-            return Err(corrupt(format!("unknown format version {}", file.version)));
-        }
-        Ok(file)
-    }
-
-    fn dir(&self) -> &Path {
-        match self.path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir,
-            _ => Path::new("."),
-        }
-    }
-
-    fn lock_file(&self, suffix: &str) -> Result<StateLock, StateError> {
-        let mut name = self.path.as_os_str().to_owned();
-        name.push(suffix);
-        let path = PathBuf::from(name);
-        let lock_err = |source| StateError::Lock {
-            path: path.clone(),
-            source,
-        };
-        create_private_dir(self.dir()).map_err(lock_err)?;
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(lock_err)?;
-        // flock(2): released by the kernel if this process dies, so a crash
-        // never leaves the integration locked.
-        file.lock().map_err(lock_err)?;
-        Ok(StateLock {
-            _held: Box::new(file),
-        })
-    }
-
-    fn write_atomically(&self, state: &StateFile) -> Result<(), StateError> {
-        let write_err = |source| StateError::Write {
-            path: self.path.clone(),
-            source,
-        };
-        let dir = self.dir();
-        create_private_dir(dir).map_err(write_err)?;
-        let mut tmp_name = self.path.as_os_str().to_owned();
-        tmp_name.push(format!(".tmp.{}", std::process::id()));
-        let tmp = PathBuf::from(tmp_name);
-        let json = serde_json::to_vec_pretty(state).map_err(|e| write_err(io::Error::other(e)))?;
-        let result = (|| {
-            let mut file = OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            // The mode above only applies when the file is created.
-            file.set_permissions(fs::Permissions::from_mode(0o600))?;
-            file.write_all(&json)?;
-            file.sync_all()?;
-            fs::rename(&tmp, &self.path)?;
-            File::open(dir)?.sync_all()
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result.map_err(write_err)
-    }
-}
-
-impl StateStore for FileStore {
-    fn describe(&self) -> StoreInfo {
-        StoreInfo {
-            kind: "file",
-            location: self.path.display().to_string(),
-            sealed: false,
-        }
-    }
-
-    fn load(&self, integration: &str) -> Result<Option<Entry>, StateError> {
-        Ok(self.read()?.integrations.remove(integration))
-    }
-
-    fn lock(&self, integration: &str) -> Result<StateLock, StateError> {
-        self.lock_file(&format!(".{integration}.lock"))
-    }
-
-    fn entries(&self) -> Result<BTreeMap<String, Entry>, StateError> {
-        Ok(self.read()?.integrations)
-    }
-
-    fn update_all(
-        &self,
-        f: &mut dyn FnMut(&str, Entry) -> Result<Entry, StateError>,
-    ) -> Result<(), StateError> {
-        let _guard = self.lock_file(".lock")?;
-        let mut state = self.read()?;
-        if state.integrations.is_empty() {
-            return Ok(());
-        }
-        state.integrations = std::mem::take(&mut state.integrations)
-            .into_iter()
-            .map(|(name, entry)| f(&name, entry).map(|entry| (name, entry)))
-            .collect::<Result<_, _>>()?;
-        // One rename: a crash leaves either the old file or the new one.
-        self.write_atomically(&state)
-    }
-
-    fn save(&self, integration: &str, entry: &Entry) -> Result<(), StateError> {
-        // Other integrations' refreshes (this process or another) write the same
-        // file: serialize read-modify-write with a file-wide lock.
-        let _guard = self.lock_file(".lock")?;
-        let mut state = self.read()?;
-        state.version = FORMAT_VERSION;
-        state
-            .integrations
-            .insert(integration.to_owned(), entry.clone());
-        self.write_atomically(&state)
-    }
-}
-
-fn create_private_dir(dir: &Path) -> io::Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    fn entry(refresh: &str) -> Entry {
-        Entry {
-            refresh_token: Some(Secret::new(refresh)),
-            access_token: Some(Secret::new("at")),
-            token_type: Some("bearer".into()),
-            expires_at: Some(OffsetDateTime::UNIX_EPOCH),
-            seed_fingerprint: None,
-            scope: None,
-            updated_at: OffsetDateTime::UNIX_EPOCH,
-            sealed: false,
-        }
-    }
-
-    #[test]
-    fn save_keeps_other_integrations_and_is_private() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state/tokens.json");
-        let store = FileStore::open(&path).unwrap();
-        store.save("a", &entry("rt-a")).unwrap();
-        store.save("b", &entry("rt-b")).unwrap();
-        assert_eq!(
-            store
-                .load("a")
-                .unwrap()
-                .unwrap()
-                .refresh_token
-                .unwrap()
-                .expose(),
-            "rt-a"
-        );
-        assert_eq!(
-            store
-                .load("b")
-                .unwrap()
-                .unwrap()
-                .refresh_token
-                .unwrap()
-                .expose(),
-            "rt-b"
-        );
-        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-    }
-
-    #[test]
-    fn update_all_writes_every_entry_or_none() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tokens.json");
-        let store = FileStore::open(&path).unwrap();
-        store.save("a", &entry("rt-a")).unwrap();
-        store.save("b", &entry("rt-b")).unwrap();
-        let before = fs::read(&path).unwrap();
-        let failed = store.update_all(&mut |name, entry| match name {
-            "b" => Err(StateError::Corrupt {
-                path: PathBuf::new(),
-                detail: "test".into(),
-            }),
-            _ => Ok(entry),
-        });
-        assert!(failed.is_err());
-        assert_eq!(fs::read(&path).unwrap(), before, "nothing written");
-        store
-            .update_all(&mut |name, mut entry| {
-                entry.token_type = Some(name.to_uppercase());
-                Ok(entry)
-            })
-            .unwrap();
-        let entries = store.entries().unwrap();
-        assert_eq!(entries["a"].token_type.as_deref(), Some("A"));
-        assert_eq!(entries["b"].token_type.as_deref(), Some("B"));
-    }
-
-    #[test]
-    fn corrupt_file_is_an_error_and_untouched() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tokens.json");
-        fs::write(
-            &path,
-            b"{\"version\": 1, \"integrations\": {\"a\": \"rt-SECRET",
-        )
-        .unwrap();
-        let err = FileStore::open(&path).err().unwrap().to_string();
-        assert!(err.contains("corrupt"), "{err}");
-        assert!(!err.contains("rt-SECRET"), "{err}");
-        assert_eq!(
-            fs::read(&path).unwrap(),
-            b"{\"version\": 1, \"integrations\": {\"a\": \"rt-SECRET"
-        );
-    }
 
     #[test]
     fn fingerprint_hides_the_token() {

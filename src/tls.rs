@@ -56,12 +56,8 @@ pub fn system_roots() -> &'static [rustls_pki_types::CertificateDer<'static>] {
     })
 }
 
-/// Client config for upstream APIs and token endpoints, verified against the
-/// system roots plus `upstream.extra_ca`.
-pub fn client_config(
-    upstream: &UpstreamConfig,
-    alpn: &[&[u8]],
-) -> Result<rustls::ClientConfig, TlsError> {
+/// The system roots plus `upstream.extra_ca`.
+pub fn root_store(upstream: &UpstreamConfig) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     let (added, _ignored) = roots.add_parsable_certificates(system_roots().iter().cloned());
     if let Some(extra) = &upstream.extra_ca {
@@ -72,9 +68,18 @@ pub fn client_config(
     if added == 0 && upstream.extra_ca.is_none() {
         return Err(TlsError::NoRoots);
     }
+    Ok(roots)
+}
+
+/// Client config for upstream APIs and token endpoints, verified against the
+/// system roots plus `upstream.extra_ca`.
+pub fn client_config(
+    upstream: &UpstreamConfig,
+    alpn: &[&[u8]],
+) -> Result<rustls::ClientConfig, TlsError> {
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
+        .with_root_certificates(root_store(upstream)?)
         .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)

@@ -160,7 +160,7 @@ pub struct Tokens {
 impl Tokens {
     /// Reads each integration's stored state; a stored token that is still
     /// valid is used as is, without a refresh.
-    pub fn new(
+    pub async fn new(
         config: &Config,
         store: Arc<dyn StateStore>,
         client: OAuthClient,
@@ -168,7 +168,7 @@ impl Tokens {
         let none = Self {
             integrations: Vec::new(),
         };
-        none.reloaded(config, store, client)
+        none.reloaded(config, store, client).await
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Integration>> {
@@ -189,23 +189,23 @@ impl Tokens {
     /// The token store for a reloaded `config`: integrations whose settings did
     /// not change are kept as they are (same token, no refresh); new or changed
     /// ones start from the state file like at start-up.
-    pub fn reloaded(
+    pub async fn reloaded(
         &self,
         config: &Config,
         store: Arc<dyn StateStore>,
         client: OAuthClient,
     ) -> Result<Self, StateError> {
-        let integrations = config
-            .integrations
-            .iter()
-            .map(
-                |wanted| match self.integrations.iter().find(|i| i.config == *wanted) {
-                    Some(kept) => Ok(kept.clone()),
-                    None => Integration::new(wanted.clone(), store.clone(), client.clone())
-                        .map(Arc::new),
+        let mut integrations = Vec::new();
+        for wanted in &config.integrations {
+            integrations.push(
+                match self.integrations.iter().find(|i| i.config == *wanted) {
+                    Some(kept) => kept.clone(),
+                    None => Arc::new(
+                        Integration::new(wanted.clone(), store.clone(), client.clone()).await?,
+                    ),
                 },
-            )
-            .collect::<Result<_, _>>()?;
+            );
+        }
         Ok(Self { integrations })
     }
 
@@ -278,8 +278,17 @@ pub struct Integration {
     /// another grant's identity), and its answer.
     dead_chain: Mutex<Option<(Secret, RefreshError)>>,
     /// A rotated chain whose state write failed: written first by the next
-    /// attempt, so a full disk cannot lose a refresh token.
-    unsaved: Mutex<Option<Entry>>,
+    /// attempt, so a full disk or a lost database connection cannot lose a
+    /// refresh token.
+    unsaved: Mutex<Option<Unsaved>>,
+}
+
+#[derive(Clone)]
+struct Unsaved {
+    entry: Entry,
+    /// The refresh token the provider rotated away to get `entry` (None for
+    /// grants without a chain).
+    redeemed: Option<Secret>,
 }
 
 #[derive(Default)]
@@ -321,12 +330,12 @@ struct Chain {
 }
 
 impl Integration {
-    fn new(
+    async fn new(
         config: IntegrationConfig,
         store: Arc<dyn StateStore>,
         client: OAuthClient,
     ) -> Result<Self, StateError> {
-        let stored = store.load(&config.name)?;
+        let stored = store.load(&config.name).await?;
         let integration = Self {
             store,
             client,
@@ -517,16 +526,24 @@ impl Integration {
     }
 
     async fn exchange_locked(&self, adopt: bool) -> Outcome {
-        let _lock = self.blocking(|store, name| store.lock(name)).await?;
-        // A rotated chain whose write failed last time goes to disk before anything
-        // else; until it does, nothing from it is used.
+        let state_error = |e| self.state_error(e);
+        let mut held = self.store.lock(self.name()).await.map_err(state_error)?;
+        let mut stored = held.load().await.map_err(state_error)?;
+        // A rotated chain whose write failed last time goes to the store before
+        // anything else; until it does, nothing from it is used.
         let unsaved = lock(&self.unsaved).clone();
-        if let Some(entry) = unsaved {
-            self.blocking(move |store, name| store.save(name, &entry))
-                .await?;
+        if let Some(Unsaved { entry, redeemed }) = unsaved {
+            let next = self.chain(stored.clone()).ok().map(|c| c.refresh_token);
+            if next.as_ref() == Some(&redeemed) {
+                held.save(&entry).await.map_err(state_error)?;
+                stored = Some(entry);
+            } else if next.as_ref() != Some(&entry.refresh_token) {
+                // Another process refreshed from the store while our write was
+                // failing: the provider has moved on with its chain, not ours.
+                tracing::warn!(integration = %self.name(), "an unsaved rotated chain was superseded by the store's");
+            }
             *lock(&self.unsaved) = None;
         }
-        let stored = self.blocking(|store, name| store.load(name)).await?;
         let chain = self.chain(stored)?;
         let now = OffsetDateTime::now_utc();
         if adopt && let Some(entry) = chain.stored.as_ref().filter(|e| self.adoptable(e, now)) {
@@ -556,9 +573,10 @@ impl Integration {
         };
         *lock(&self.dead_chain) = None;
         let now = OffsetDateTime::now_utc();
+        let redeemed = chain.refresh_token;
         let entry = Entry {
             // Only the refresh_token grant has a chain; a rotated token replaces it.
-            refresh_token: response.refresh_token.or(chain.refresh_token),
+            refresh_token: response.refresh_token.or_else(|| redeemed.clone()),
             access_token: Some(response.access_token),
             token_type: Some(response.token_type),
             expires_at: Some(
@@ -580,15 +598,47 @@ impl Integration {
         // Persist the rotated refresh token before publishing the access token:
         // the provider may already have revoked the old one. If the write fails,
         // keep the chain in memory for the next attempt to write.
-        let saved = entry.clone();
-        if let Err(error) = self
-            .blocking(move |store, name| store.save(name, &saved))
-            .await
-        {
-            *lock(&self.unsaved) = Some(entry);
-            return Err(error);
+        if let Err(error) = held.save(&entry).await {
+            *lock(&self.unsaved) = Some(Unsaved { entry, redeemed });
+            return Err(state_error(error));
         }
         Ok(self.publish(&entry))
+    }
+
+    /// Takes the token another process stored, when it is newer than ours
+    /// (the store announced a change). Never calls the provider.
+    pub async fn follow_store(&self) {
+        // A refresh of our own in flight ends with its token in the store: wait
+        // for it rather than race its publication.
+        let _flight = self.flight.lock().await;
+        let stored = match self.store.load(self.name()).await {
+            Ok(stored) => stored,
+            Err(error) => {
+                tracing::debug!(integration = %self.name(), error = %crate::report::chain(&error), "cannot re-read the state store");
+                return;
+            }
+        };
+        let now = OffsetDateTime::now_utc();
+        if let Ok(Chain {
+            stored: Some(entry),
+            ..
+        }) = self.chain(stored)
+            && self.is_newer(&entry, now)
+        {
+            self.publish(&entry);
+        }
+    }
+
+    /// Changes announced by the state store (`None` for a store that does not).
+    pub fn store_changes(&self) -> Option<tokio::sync::broadcast::Receiver<state::Change>> {
+        self.store.changes()
+    }
+
+    fn state_error(&self, source: StateError) -> RefreshError {
+        RefreshError::State {
+            integration: self.name().to_owned(),
+            source: Arc::new(source),
+        }
     }
 
     /// What to present. The refresh_token grant: the stored chain when it grew
@@ -654,6 +704,20 @@ impl Integration {
         !same && !due
     }
 
+    /// A valid stored token, other than ours and issued no earlier.
+    fn is_newer(&self, entry: &Entry, now: OffsetDateTime) -> bool {
+        let (Some(token), Some(expires_at)) = (&entry.access_token, entry.expires_at) else {
+            return false;
+        };
+        if entry.scope != self.config.scope || expires_at <= now {
+            return false;
+        }
+        match self.current.load().as_ref() {
+            Some(ours) => ours.access_token != *token && entry.updated_at >= ours.issued_at,
+            None => true,
+        }
+    }
+
     fn publish(&self, entry: &Entry) -> Arc<Snapshot> {
         let generation = self.current.load().as_ref().map_or(0, |s| s.generation) + 1;
         let snapshot = Arc::new(Snapshot {
@@ -717,23 +781,6 @@ impl Integration {
 
     fn lock_status(&self) -> MutexGuard<'_, StatusInner> {
         lock(&self.status)
-    }
-
-    /// Runs blocking state-store I/O off the async workers.
-    async fn blocking<T: Send + 'static>(
-        &self,
-        op: impl FnOnce(&dyn StateStore, &str) -> Result<T, StateError> + Send + 'static,
-    ) -> Result<T, RefreshError> {
-        let store = self.store.clone();
-        let name = self.name().to_owned();
-        let state_error = |source| RefreshError::State {
-            integration: self.name().to_owned(),
-            source: Arc::new(source),
-        };
-        tokio::task::spawn_blocking(move || op(&*store, &name))
-            .await
-            .map_err(|_| RefreshError::Aborted(self.name().to_owned()))?
-            .map_err(state_error)
     }
 }
 

@@ -69,3 +69,5 @@ mod upstream_resend;
 
 // Issue 14: grants beyond refresh tokens, and query injection.
 mod grants;
+// Issue 10: the PostgreSQL state store, many replicas sharing one grant.
+mod state_postgres;

@@ -210,7 +210,7 @@ async fn a_reload_changes_permissions_for_new_requests_only() {
 
     // export loses api.test and gains other.test.
     setup.rewrite_config(&options(r#"["other.test"]"#));
-    assert_eq!(proxy.reload(), Ok(Vec::new()));
+    assert_eq!(proxy.reload().await, Ok(Vec::new()));
 
     let (api, tokens) = (setup.api.requests(), setup.tokens.calls());
     let refused = plain(addr, API_HOST, EXPORT).await;

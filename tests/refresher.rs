@@ -20,9 +20,11 @@ use crate::support::wait;
 /// The token an earlier run left behind (the provider has forgotten it; credproxy has not).
 const OLD: &str = "at-SECRET-old-but-valid";
 
-fn open(fx: &Fixture) -> (Tokens, Arc<Integration>) {
+async fn open(fx: &Fixture) -> (Tokens, Arc<Integration>) {
     let config = fx.config().load(&fx.dir);
-    let tokens = credproxy::commands::open_tokens(&config).expect("opening the token store");
+    let tokens = credproxy::commands::open_tokens(&config)
+        .await
+        .expect("opening the token store");
     let integration = tokens.get("demo").expect("demo").clone();
     (tokens, integration)
 }
@@ -37,7 +39,7 @@ async fn open_with_due_token(fx: &Fixture) -> (Tokens, Arc<Integration>) {
         expires_at: now + time::Duration::seconds(30),
         seeded_from: Some(&fx.rt0),
     });
-    let (tokens, integration) = open(fx);
+    let (tokens, integration) = open(fx).await;
     assert_eq!(integration.status().state, Health::Ok);
     assert_eq!(serve(&integration).await, OLD, "the stored token is used");
     assert_eq!(fx.server.calls(), 0);
@@ -190,7 +192,7 @@ async fn garbage_and_tokenless_answers_are_transient() {
 async fn invalid_grant_fails_without_hammering() {
     let fx = Fixture::start().await;
     fx.server.revoke_all();
-    let (tokens, integration) = open(&fx);
+    let (tokens, integration) = open(&fx).await;
     let _refreshers = tokens.spawn_refreshers();
 
     fx.server.wait_for_responses(1).await;
@@ -240,7 +242,7 @@ async fn invalid_grant_keeps_serving_a_still_valid_token() {
 async fn zero_expires_in_does_not_hammer() {
     let fx = Fixture::start().await;
     fx.server.set_expires_in(0);
-    let (tokens, _integration) = open(&fx);
+    let (tokens, _integration) = open(&fx).await;
     let _refreshers = tokens.spawn_refreshers();
     fx.server.wait_for_calls(1).await;
     let hammered = tokio::time::timeout(Duration::from_secs(2), fx.server.wait_for_calls(10))

@@ -15,7 +15,7 @@ use base64::Engine;
 use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
 use credproxy::secret::Secret;
 use credproxy::secret::StateKey;
-use credproxy::state::{self, Entry, StateStore};
+use credproxy::state::{Entry, FileStore, SealedStore, StateStore};
 use http::StatusCode;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -81,9 +81,18 @@ fn assert_no_token_in(path: &Path, tokens: &[String]) {
     }
 }
 
+/// The state file at `path`, sealed with `key` (entries in clear get sealed).
+async fn open_file(
+    path: &Path,
+    key: Option<&StateKey>,
+) -> Result<Arc<SealedStore>, credproxy::state::StateError> {
+    let file = Arc::new(FileStore::open(path)?);
+    SealedStore::open(file, key).await.map(Arc::new)
+}
+
 /// Every entry of the file at `path` opens with `key` (and none is in clear).
-fn opens_with(path: &Path, key: Option<&StateKey>) -> bool {
-    state::open(path, key).is_ok()
+async fn opens_with(path: &Path, key: Option<&StateKey>) -> bool {
+    open_file(path, key).await.is_ok()
 }
 
 fn parse_key(text: &str) -> StateKey {
@@ -148,8 +157,10 @@ async fn sealed_round_trip_leaves_no_token_in_the_file() {
         Some(credproxy::state::fingerprint(&Secret::new(fx.rt0.as_str())).as_str())
     );
     // Through the key, the stored chain is the provider's latest.
-    let store = state::open(&fx.dir.state_path(), Some(&parse_key(&key))).unwrap();
-    let opened = store.load("demo").unwrap().unwrap();
+    let store = open_file(&fx.dir.state_path(), Some(&parse_key(&key)))
+        .await
+        .unwrap();
+    let opened = store.load("demo").await.unwrap().unwrap();
     assert_eq!(
         opened.refresh_token.map(|t| t.expose().to_owned()),
         fx.server.latest_refresh_token()
@@ -352,8 +363,8 @@ async fn rekey_while_run_serves_and_refreshes() {
         out.line()
     );
     let path = setup.dir.state_path();
-    assert!(opens_with(&path, Some(&parse_key(&new_key))));
-    assert!(!opens_with(&path, Some(&parse_key(&old_key))));
+    assert!(opens_with(&path, Some(&parse_key(&new_key))).await);
+    assert!(!opens_with(&path, Some(&parse_key(&old_key))).await);
 
     // The fleet step: roll the new key out.
     write_key(&setup.dir, "state.key", &new_key);
@@ -390,10 +401,11 @@ async fn rekey_while_run_serves_and_refreshes() {
         !exit.log.contains(&old_key) && !exit.log.contains(&new_key),
         "no key logged"
     );
-    let store = state::open(&path, Some(&parse_key(&new_key))).unwrap();
+    let store = open_file(&path, Some(&parse_key(&new_key))).await.unwrap();
     assert_eq!(
         store
             .load(INTEGRATION)
+            .await
             .unwrap()
             .unwrap()
             .refresh_token
@@ -419,10 +431,10 @@ fn entry(n: usize) -> Entry {
 
 /// The store's entries, opened with whichever of `keys` opens all of them; panics when
 /// none does (a store half under one key and half under another).
-fn entries_under(path: &Path, keys: &[&StateKey]) -> (usize, Vec<(String, Entry)>) {
+async fn entries_under(path: &Path, keys: &[&StateKey]) -> (usize, Vec<(String, Entry)>) {
     for (index, key) in keys.iter().enumerate() {
-        if let Ok(store) = state::open(path, Some(key)) {
-            return (index, store.entries().unwrap().into_iter().collect());
+        if let Ok(store) = open_file(path, Some(key)).await {
+            return (index, store.entries().await.unwrap().into_iter().collect());
         }
     }
     panic!("{} is under neither key", path.display());
@@ -436,11 +448,18 @@ async fn rekey_killed_at_random_points_leaves_one_key() {
     let dir = TestDir::new();
     let keys = [parse_key(&keygen().await), parse_key(&keygen().await)];
     let texts: Vec<String> = keys.iter().map(|k| k.to_base64().to_string()).collect();
-    let store = state::open(&dir.state_path(), Some(&keys[0])).unwrap();
+    let store = open_file(&dir.state_path(), Some(&keys[0])).await.unwrap();
     for n in 0..ENTRIES {
-        store.save(&format!("i{n:02}"), &entry(n)).unwrap();
+        let name = format!("i{n:02}");
+        store
+            .lock(&name)
+            .await
+            .unwrap()
+            .save(&entry(n))
+            .await
+            .unwrap();
     }
-    let original = entries_under(&dir.state_path(), &[&keys[0]]).1;
+    let original = entries_under(&dir.state_path(), &[&keys[0]]).await.1;
     let rekey = |current: usize| {
         let key_path = write_key(&dir, "state.key", &texts[current]);
         let state_path = dir.state_path();
@@ -462,7 +481,12 @@ async fn rekey_killed_at_random_points_leaves_one_key() {
         .await
         .assert_code(0);
     let whole = started.elapsed();
-    assert_eq!(entries_under(&dir.state_path(), &[&keys[0], &keys[1]]).0, 1);
+    assert_eq!(
+        entries_under(&dir.state_path(), &[&keys[0], &keys[1]])
+            .await
+            .0,
+        1
+    );
     let mut current = 1;
     let mut outcomes = [0, 0];
     for _ in 0..24 {
@@ -471,7 +495,7 @@ async fn rekey_killed_at_random_points_leaves_one_key() {
         tokio::time::sleep(at).await; // the random kill point, not a synchronisation
         child.start_kill().unwrap();
         child.wait().await.unwrap();
-        let (now, entries) = entries_under(&dir.state_path(), &[&keys[0], &keys[1]]);
+        let (now, entries) = entries_under(&dir.state_path(), &[&keys[0], &keys[1]]).await;
         assert_eq!(entries, original, "every token intact");
         outcomes[usize::from(now != current)] += 1;
         current = now;

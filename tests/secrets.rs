@@ -143,7 +143,9 @@ async fn provider_echoing_secrets_is_redacted() {
         assert!(!out.combined().contains(&echoed));
 
         let config = builder.load(&fx.dir);
-        let tokens = credproxy::commands::open_tokens(&config).expect("token store");
+        let tokens = credproxy::commands::open_tokens(&config)
+            .await
+            .expect("token store");
         let integration = tokens.get("demo").expect("demo").clone();
         fx.server.fail_next(1, Failure::EchoSecrets);
         let error = integration.ready().await.expect_err("the provider refused");
@@ -174,7 +176,9 @@ async fn debug_and_status_output_hold_no_secret() {
         .load(&fx.dir);
     assert_no_secret_markers(&format!("{literal:?}"));
 
-    let tokens = credproxy::commands::open_tokens(&config).expect("token store");
+    let tokens = credproxy::commands::open_tokens(&config)
+        .await
+        .expect("token store");
     let integration = tokens.get("demo").expect("demo").clone();
     let snapshot = integration.ready().await.expect("a token");
     assert_no_secret_markers(&format!("{snapshot:?}"));
@@ -184,7 +188,11 @@ async fn debug_and_status_output_hold_no_secret() {
     assert_no_secret_markers(&serde_json::to_string(&status).expect("status JSON"));
 
     let store = FileStore::open(&fx.dir.state_path()).expect("state store");
-    let entry = store.load("demo").expect("load").expect("stored entry");
+    let entry = store
+        .load("demo")
+        .await
+        .expect("load")
+        .expect("stored entry");
     assert_no_secret_markers(&format!("{entry:?}"));
     assert_no_secret_markers(&format!("{:?}", Secret::new(fx.rt0.as_str())));
 }

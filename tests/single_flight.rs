@@ -20,7 +20,9 @@ use crate::support::wait;
 async fn hundred_concurrent_requests_cause_one_refresh() {
     let fx = Fixture::start().await;
     let config = fx.config().load(&fx.dir);
-    let tokens = credproxy::commands::open_tokens(&config).expect("opening the token store");
+    let tokens = credproxy::commands::open_tokens(&config)
+        .await
+        .expect("opening the token store");
     let integration = tokens.get("demo").expect("integration demo").clone();
     fx.server.hold_responses();
 

@@ -153,7 +153,9 @@ async fn absurd_expires_in_neither_panics_nor_loses_the_rotation() {
 async fn published_token_finds_rotated_refresh_token_on_disk() {
     let fx = Fixture::start().await;
     let config = fx.config().load(&fx.dir);
-    let tokens = credproxy::commands::open_tokens(&config).expect("opening the token store");
+    let tokens = credproxy::commands::open_tokens(&config)
+        .await
+        .expect("opening the token store");
     let integration = tokens.get("demo").expect("demo").clone();
     let mut published = integration.subscribe();
 
@@ -190,7 +192,9 @@ async fn published_token_finds_rotated_refresh_token_on_disk() {
 async fn access_token_is_not_served_before_the_rotated_refresh_token_is_saved() {
     let fx = Fixture::start().await;
     let config = fx.config().load(&fx.dir);
-    let tokens = credproxy::commands::open_tokens(&config).expect("opening the token store");
+    let tokens = credproxy::commands::open_tokens(&config)
+        .await
+        .expect("opening the token store");
     let integration = tokens.get("demo").expect("demo").clone();
 
     let state_dir = fx.dir.state_path().parent().expect("state dir").to_owned();
@@ -250,7 +254,9 @@ async fn stored_valid_token_is_used_without_refresh() {
     assert_eq!(fx.server.calls(), 1, "no refresh for a stored valid token");
 
     let config = builder.load(&fx.dir);
-    let tokens = credproxy::commands::open_tokens(&config).expect("opening the token store");
+    let tokens = credproxy::commands::open_tokens(&config)
+        .await
+        .expect("opening the token store");
     let integration = tokens.get("demo").expect("demo");
     let current = integration.current().expect("current at start");
     assert_eq!(current.access_token.expose(), stored);

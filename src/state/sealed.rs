@@ -10,9 +10,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
+use tokio::sync::broadcast;
 
 use super::seal::Sealer;
-use super::{Entry, StateError, StateLock, StateStore, StoreInfo};
+use super::{
+    Change, Entry, StateError, StateLock, StateStore, StoreFuture, StoreInfo, StoreMetrics,
+    Summary, UpdateFn,
+};
 use crate::secret::StateKey;
 
 pub struct SealedStore {
@@ -25,13 +29,25 @@ impl SealedStore {
     /// Wraps `inner`, opening every sealed entry once with `key`: a wrong or
     /// missing key is an error here, before anything is used or written. With
     /// a key, entries still stored in clear are sealed now (see `use_key`).
-    pub fn open(inner: Arc<dyn StateStore>, key: Option<&StateKey>) -> Result<Self, StateError> {
+    pub async fn open(
+        inner: Arc<dyn StateStore>,
+        key: Option<&StateKey>,
+    ) -> Result<Self, StateError> {
         let store = Self {
             inner,
             sealer: ArcSwapOption::empty(),
         };
-        store.use_key(key)?;
+        store.use_key(key).await?;
         Ok(store)
+    }
+
+    /// `inner` read with `key`, sealing nothing it holds in clear: for reading
+    /// another store (`credproxy state import`).
+    pub fn reader(inner: Arc<dyn StateStore>, key: Option<&StateKey>) -> Self {
+        Self {
+            inner,
+            sealer: ArcSwapOption::new(key.map(|key| Arc::new(Sealer::new(key)))),
+        }
     }
 
     /// The key in use.
@@ -46,19 +62,20 @@ impl SealedStore {
     /// with it; otherwise the key in use stays. With a key, entries stored in
     /// clear (written before the key was configured) are sealed in one atomic
     /// write: only the commands that write the store open it this way.
-    pub fn use_key(&self, key: Option<&StateKey>) -> Result<(), StateError> {
+    pub async fn use_key(&self, key: Option<&StateKey>) -> Result<(), StateError> {
         let sealer = key.map(|key| Arc::new(Sealer::new(key)));
         let mut plain = false;
-        for (name, entry) in self.inner.entries()? {
+        let location = self.inner.describe().location;
+        for (name, entry) in self.inner.entries().await? {
             plain |= !entry.sealed;
-            self.open_entry(sealer.as_deref(), &name, entry)?;
+            open_entry(&location, sealer.as_deref(), &name, entry)?;
         }
         let sealing = sealer.is_some();
         self.sealer.store(sealer);
         if sealing && plain {
-            // Content-preserving, so no refresh lock is needed: the file is
-            // re-read under the store's write lock.
-            self.update_all(&mut |_, entry| Ok(entry))?;
+            // Content-preserving, so no refresh lock is needed: the store
+            // re-reads under its own write lock (or transaction).
+            self.update_all(&mut |_, entry| Ok(entry)).await?;
         }
         Ok(())
     }
@@ -66,71 +83,33 @@ impl SealedStore {
     /// Re-seals every entry under `new_key` in one atomic step, holding the
     /// refresh lock of every integration in the store and of `also_lock`, so
     /// no refresh runs across it. Returns the number of entries re-sealed.
-    pub fn rekey(&self, new_key: &StateKey, also_lock: &[&str]) -> Result<usize, StateError> {
+    pub async fn rekey(&self, new_key: &StateKey, also_lock: &[&str]) -> Result<usize, StateError> {
         let names: BTreeSet<String> = self
             .inner
-            .entries()?
+            .entries()
+            .await?
             .into_keys()
             .chain(also_lock.iter().map(|name| (*name).to_owned()))
             .collect();
         // In name order, so two rekeys cannot each hold a lock the other wants.
-        let _locks = names
-            .iter()
-            .map(|name| self.inner.lock(name))
-            .collect::<Result<Vec<StateLock>, _>>()?;
+        let mut locks = Vec::new();
+        for name in &names {
+            locks.push(self.inner.lock(name).await?);
+        }
         let old = self.sealer.load_full();
         let new = Arc::new(Sealer::new(new_key));
+        let location = self.inner.describe().location;
         let mut count = 0;
-        self.inner.update_all(&mut |name, entry| {
-            count += 1;
-            let plain = self.open_entry(old.as_deref(), name, entry)?;
-            self.stored_form(Some(&new), name, plain)
-        })?;
-        self.sealer.store(Some(new));
-        Ok(count)
-    }
-
-    fn open_entry(
-        &self,
-        sealer: Option<&Sealer>,
-        integration: &str,
-        entry: Entry,
-    ) -> Result<Entry, StateError> {
-        let key_error = |reason: String| StateError::Key {
-            store: self.inner.describe().location,
-            integration: integration.to_owned(),
-            reason,
-        };
-        match (entry.sealed, sealer) {
-            (false, _) => Ok(entry),
-            (true, None) => Err(key_error(
-                "its tokens are sealed, and no [state] key is set".into(),
-            )),
-            (true, Some(sealer)) => sealer.open_entry(integration, entry).map_err(|(field, _)| {
-                key_error(format!(
-                    "its {field} does not open with the configured key (another key, or the entry was altered or moved from another integration); nothing was changed"
-                ))
-            }),
-        }
-    }
-
-    /// As stored: sealed under `sealer`, or in clear without a key.
-    fn stored_form(
-        &self,
-        sealer: Option<&Sealer>,
-        integration: &str,
-        entry: Entry,
-    ) -> Result<Entry, StateError> {
-        let Some(sealer) = sealer else {
-            return Ok(entry);
-        };
-        sealer
-            .seal_entry(integration, entry)
-            .map_err(|source| StateError::Seal {
-                store: self.inner.describe().location,
-                integration: integration.to_owned(),
-                source,
+        self.inner
+            .update_all(&mut |name, entry| {
+                count += 1;
+                let plain = open_entry(&location, old.as_deref(), name, entry)?;
+                stored_form(&location, Some(&new), name, plain)
             })
+            .await?;
+        self.sealer.store(Some(new));
+        drop(locks);
+        Ok(count)
     }
 }
 
@@ -142,44 +121,156 @@ impl StateStore for SealedStore {
         }
     }
 
-    fn load(&self, integration: &str) -> Result<Option<Entry>, StateError> {
-        let sealer = self.sealer.load();
-        self.inner
-            .load(integration)?
-            .map(|entry| self.open_entry(sealer.as_deref(), integration, entry))
-            .transpose()
-    }
-
-    fn lock(&self, integration: &str) -> Result<StateLock, StateError> {
-        self.inner.lock(integration)
-    }
-
-    fn save(&self, integration: &str, entry: &Entry) -> Result<(), StateError> {
-        let stored = self.stored_form(self.sealer.load().as_deref(), integration, entry.clone())?;
-        self.inner.save(integration, &stored)
-    }
-
-    fn entries(&self) -> Result<BTreeMap<String, Entry>, StateError> {
-        let sealer = self.sealer.load();
-        self.inner
-            .entries()?
-            .into_iter()
-            .map(|(name, entry)| {
-                let entry = self.open_entry(sealer.as_deref(), &name, entry)?;
-                Ok((name, entry))
-            })
-            .collect()
-    }
-
-    fn update_all(
-        &self,
-        f: &mut dyn FnMut(&str, Entry) -> Result<Entry, StateError>,
-    ) -> Result<(), StateError> {
-        let sealer = self.sealer.load_full();
-        self.inner.update_all(&mut |name, entry| {
-            let plain = self.open_entry(sealer.as_deref(), name, entry)?;
-            let updated = f(name, plain)?;
-            self.stored_form(sealer.as_deref(), name, updated)
+    fn load<'a>(&'a self, integration: &'a str) -> StoreFuture<'a, Option<Entry>> {
+        Box::pin(async move {
+            let sealer = self.sealer.load_full();
+            let location = self.inner.describe().location;
+            self.inner
+                .load(integration)
+                .await?
+                .map(|entry| open_entry(&location, sealer.as_deref(), integration, entry))
+                .transpose()
         })
     }
+
+    fn list(&self) -> StoreFuture<'_, Vec<Summary>> {
+        self.inner.list()
+    }
+
+    fn lock<'a>(&'a self, integration: &'a str) -> StoreFuture<'a, Box<dyn StateLock>> {
+        Box::pin(async move {
+            let inner = self.inner.lock(integration).await?;
+            Ok(Box::new(SealedLock {
+                inner,
+                sealer: self.sealer.load_full(),
+                location: self.inner.describe().location,
+                integration: integration.to_owned(),
+            }) as Box<dyn StateLock>)
+        })
+    }
+
+    fn changes(&self) -> Option<broadcast::Receiver<Change>> {
+        self.inner.changes()
+    }
+
+    fn entries(&self) -> StoreFuture<'_, BTreeMap<String, Entry>> {
+        Box::pin(async move {
+            let sealer = self.sealer.load_full();
+            let location = self.inner.describe().location;
+            self.inner
+                .entries()
+                .await?
+                .into_iter()
+                .map(|(name, entry)| {
+                    let entry = open_entry(&location, sealer.as_deref(), &name, entry)?;
+                    Ok((name, entry))
+                })
+                .collect()
+        })
+    }
+
+    fn update_all<'a>(&'a self, f: &'a mut UpdateFn<'_>) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let sealer = self.sealer.load_full();
+            let location = self.inner.describe().location;
+            self.inner
+                .update_all(&mut |name, entry| {
+                    let plain = open_entry(&location, sealer.as_deref(), name, entry)?;
+                    let updated = f(name, plain)?;
+                    stored_form(&location, sealer.as_deref(), name, updated)
+                })
+                .await
+        })
+    }
+
+    fn reachable(&self) -> bool {
+        self.inner.reachable()
+    }
+
+    fn metrics(&self) -> &StoreMetrics {
+        self.inner.metrics()
+    }
+}
+
+/// An integration's lock on the inner store, opening what it reads and
+/// sealing what it writes with the key in use when it was taken.
+struct SealedLock {
+    inner: Box<dyn StateLock>,
+    sealer: Option<Arc<Sealer>>,
+    location: String,
+    integration: String,
+}
+
+impl StateLock for SealedLock {
+    fn load(&mut self) -> StoreFuture<'_, Option<Entry>> {
+        Box::pin(async move {
+            self.inner
+                .load()
+                .await?
+                .map(|entry| {
+                    open_entry(
+                        &self.location,
+                        self.sealer.as_deref(),
+                        &self.integration,
+                        entry,
+                    )
+                })
+                .transpose()
+        })
+    }
+
+    fn save<'a>(&'a mut self, entry: &'a Entry) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let stored = stored_form(
+                &self.location,
+                self.sealer.as_deref(),
+                &self.integration,
+                entry.clone(),
+            )?;
+            self.inner.save(&stored).await
+        })
+    }
+}
+
+fn open_entry(
+    location: &str,
+    sealer: Option<&Sealer>,
+    integration: &str,
+    entry: Entry,
+) -> Result<Entry, StateError> {
+    let key_error = |reason: String| StateError::Key {
+        store: location.to_owned(),
+        integration: integration.to_owned(),
+        reason,
+    };
+    match (entry.sealed, sealer) {
+        (false, _) => Ok(entry),
+        (true, None) => Err(key_error(
+            "its tokens are sealed, and no [state] key is set".into(),
+        )),
+        (true, Some(sealer)) => sealer.open_entry(integration, entry).map_err(|(field, _)| {
+            key_error(format!(
+                "its {field} does not open with the configured key (another key, or the entry was altered or moved from another integration); nothing was changed"
+            ))
+        }),
+    }
+}
+
+/// As stored: sealed under `sealer`, or in clear without a key.
+fn stored_form(
+    location: &str,
+    sealer: Option<&Sealer>,
+    integration: &str,
+    entry: Entry,
+) -> Result<Entry, StateError> {
+    let Some(sealer) = sealer else {
+        return Ok(entry);
+    };
+    sealer
+        .seal_entry(integration, entry)
+        .map_err(|source| StateError::Seal {
+            store: location.to_owned(),
+            integration: integration.to_owned(),
+            source,
+        })
 }

@@ -377,6 +377,8 @@ fn subcommand<'a>(args: &[&'a str]) -> Option<&'a str> {
 /// [`env`](Self::env) to [`run`].
 pub struct ConfigBuilder {
     state: PathBuf,
+    /// `[state] url` instead of `path` (a PostgreSQL database).
+    state_url: Option<String>,
     ca_cert: PathBuf,
     ca_key: PathBuf,
     extra_ca: Option<PathBuf>,
@@ -405,6 +407,7 @@ impl ConfigBuilder {
     pub fn new(dir: &TestDir) -> Self {
         Self {
             state: dir.state_path(),
+            state_url: None,
             ca_cert: dir.ca_cert_path(),
             ca_key: dir.ca_key_path(),
             extra_ca: dir.has_test_ca.then(|| dir.test_ca_path()),
@@ -432,6 +435,12 @@ impl ConfigBuilder {
             Some(token) => builder.refresh_token(&token),
             None => builder,
         }
+    }
+
+    /// `[state] url = URL` instead of the state file.
+    pub fn state_url(mut self, url: &str) -> Self {
+        self.state_url = Some(url.to_owned());
+        self
     }
 
     pub fn integration(mut self, name: &str) -> Self {
@@ -528,7 +537,10 @@ impl ConfigBuilder {
 
     pub fn build(&self) -> String {
         let mut out = String::from("[state]\n");
-        kv(&mut out, "path", path_str(&self.state));
+        match &self.state_url {
+            Some(url) => kv(&mut out, "url", url),
+            None => kv(&mut out, "path", path_str(&self.state)),
+        }
         for line in &self.state_lines {
             out.push_str(line);
             out.push('\n');

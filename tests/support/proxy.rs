@@ -68,6 +68,9 @@ impl Setup {
         if options.secret_in_file {
             builder = builder.client_secret_literal(&self.tokens.client_secret());
         }
+        if let Some(url) = &options.state_url {
+            builder = builder.state_url(url);
+        }
         builder.raw(&options.toml(self))
     }
 
@@ -195,6 +198,8 @@ pub struct ProxyOptions {
     /// The client secret written into the file instead of `${TEST_CLIENT_SECRET}`: for
     /// in-process reloads, which read variables from the test process's environment.
     secret_in_file: bool,
+    /// `[state] url` (a PostgreSQL database) instead of the state file.
+    state_url: Option<String>,
     /// Raw TOML appended at the end (start it with a table header).
     extra: String,
 }
@@ -217,6 +222,7 @@ impl Default for ProxyOptions {
             route_host: API_HOST.to_owned(),
             scope: None,
             secret_in_file: false,
+            state_url: None,
             extra: String::new(),
         }
     }
@@ -327,6 +333,12 @@ impl ProxyOptions {
     /// Writes the client secret into the file (see the field).
     pub fn secret_in_file(mut self) -> Self {
         self.secret_in_file = true;
+        self
+    }
+
+    /// `[state] url = URL`: the PostgreSQL store.
+    pub fn state_url(mut self, url: &str) -> Self {
+        self.state_url = Some(url.to_owned());
         self
     }
 
@@ -468,12 +480,13 @@ impl InProcess {
 
     /// `state.reload()`: re-reads the config file; the changes that need a restart, or
     /// the error as one line.
-    pub fn reload(&self) -> Result<Vec<String>, String> {
+    pub async fn reload(&self) -> Result<Vec<String>, String> {
         self.running
             .as_ref()
             .expect("credproxy is still running")
             .state
             .reload()
+            .await
             .map_err(|e| credproxy::report::chain(&e))
     }
 
