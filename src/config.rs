@@ -435,6 +435,11 @@ upstream = "https://content.dropboxapi.com"
         ] {
             std::fs::write(secrets.path().join(name), format!("{name}-value\n")).unwrap();
         }
+        std::fs::write(
+            secrets.path().join("database-url"),
+            "postgres://credproxy:pw-SECRET@db.internal:5432/credproxy?sslmode=verify-full\n",
+        )
+        .unwrap();
         let key = crate::secret::StateKey::generate().unwrap();
         std::fs::write(
             secrets.path().join("state-key"),
@@ -444,6 +449,11 @@ upstream = "https://content.dropboxapi.com"
         let toml = toml.replace("/run/secrets/credproxy", secrets.path().to_str().unwrap());
         let config = parse_text(&toml).unwrap();
         assert_eq!(config.state.key, Some(key));
+        assert_eq!(
+            config.state.to_string(),
+            "the PostgreSQL database postgres://credproxy@db.internal:5432/credproxy"
+        );
+        assert!(!format!("{config:?}").contains("pw-SECRET"));
         let dropbox = config.integration("dropbox").unwrap();
         let Grant::RefreshToken(grant) = &dropbox.grant else {
             unreachable!("refresh_token is the default grant")
