@@ -4,7 +4,7 @@
 //! first write once a key is configured; `state rekey` moves the whole store to a new key
 //! in one step, while `credproxy run` serves and refreshes, and a rekey killed at any
 //! point leaves the store entirely under the old key or entirely under the new; secrets
-//! come from `${file:PATH}`.
+//! come from `${file:PATH}`. The database store keeps the same contract (`TestDb`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -24,6 +24,7 @@ use crate::support::admin::Admin;
 use crate::support::cli::{self, ConfigBuilder, TestDir};
 use crate::support::client;
 use crate::support::fixture::Fixture;
+use crate::support::pg::TestDb;
 use crate::support::proxy::{
     API_HOST, INTEGRATION, ProxyOptions, ProxyProcess, Setup, integration_toml,
 };
@@ -70,12 +71,16 @@ fn with_base64_forms(token: &str) -> Vec<String> {
 fn assert_no_token_in(path: &Path, tokens: &[String]) {
     let bytes = std::fs::read(path).unwrap();
     let text = String::from_utf8_lossy(&bytes);
+    assert_no_token_in_text(&text, tokens, &path.display().to_string());
+}
+
+/// Panics if `text` (what `place` holds) contains any of `tokens`, in clear or base64.
+fn assert_no_token_in_text(text: &str, tokens: &[String], place: &str) {
     for token in tokens {
         for form in with_base64_forms(token) {
             assert!(
                 !text.contains(&form),
-                "{} holds {form:?} (from token {token:?}):\n{text}",
-                path.display()
+                "{place} holds {form:?} (from token {token:?}):\n{text}"
             );
         }
     }
@@ -540,4 +545,148 @@ async fn file_references_in_the_config() {
         );
     }
     assert_eq!(fx.server.invalid_grant_count(), 0);
+}
+
+// === the PostgreSQL store ===
+
+/// Every row of `credproxy_tokens`, as text (all columns).
+async fn rows_text(db: &TestDb) -> String {
+    db.query("SELECT t::text FROM credproxy_tokens t ORDER BY integration")
+        .await
+        .iter()
+        .map(|row| row.get::<_, String>(0) + "\n")
+        .collect()
+}
+
+/// The same contract on the database: no row holds a token in any form, every row is
+/// marked sealed, and a wrong or missing key is refused with every row unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_rows_hold_no_token_and_a_wrong_key_changes_nothing() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let fx = Fixture::start().await;
+    let key = keygen().await;
+    let key_path = write_key(&fx.dir, "state.key", &key);
+    let builder = fx
+        .config()
+        .state_url(&db.url)
+        .state_line(&key_line(&key_path));
+    builder.write(&fx.dir);
+    fx.run(&["check"]).await.assert_code(0);
+    fx.server.set_expires_in(0);
+    fx.run(&["check"]).await.assert_code(0);
+    fx.server.set_expires_in(3600);
+    let out = fx.run(&["token", "demo"]).await;
+    out.assert_code(0);
+    assert!(fx.server.is_valid_access_token(out.line()));
+    assert_eq!(fx.server.invalid_grant_count(), 0);
+
+    let rows = rows_text(&db).await;
+    let mut secrets = fx.server.issued_tokens();
+    secrets.extend([fx.rt0.clone(), fx.client_secret.clone(), key.clone()]);
+    assert_no_token_in_text(&rows, &secrets, "credproxy_tokens");
+    let sealed: Vec<bool> = db
+        .query("SELECT sealed FROM credproxy_tokens")
+        .await
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(sealed, [true], "{rows}");
+
+    let calls = fx.server.calls();
+    write_key(&fx.dir, "state.key", &keygen().await);
+    for case in ["wrong key", "missing key"] {
+        if case == "missing key" {
+            let no_key = builder.build().replace(&key_line(&key_path), "");
+            fx.dir.write_config(&no_key);
+        }
+        for args in [&["check"][..], &["token", "demo"]] {
+            let out = fx.run(args).await;
+            out.assert_code(1);
+            let line = out.last_error_line();
+            assert!(
+                line.contains(": demo: wrong or missing [state] key"),
+                "{case}: {line}"
+            );
+        }
+        assert_eq!(rows_text(&db).await, rows, "{case}: every row unchanged");
+    }
+    assert_eq!(fx.server.calls(), calls, "nothing refreshed");
+}
+
+/// `state rekey` on the database, SIGKILLed at 20 random points: every time, either key
+/// opens every row and the other opens none; a rekey that finishes re-seals every row
+/// and the tokens stay in use without a refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rekey_in_the_database_is_one_transaction() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let fx = Fixture::start().await;
+    let keys = [keygen().await, keygen().await];
+    let key_path = write_key(&fx.dir, "state.key", &keys[0]);
+    let other_rt = token::new_refresh_token(0);
+    let other = TokenServer::start(&fx.ca, &other_rt).await;
+    fx.config()
+        .state_url(&db.url)
+        .state_line(&key_line(&key_path))
+        .raw(&integration_toml("other", &other, &other_rt, None))
+        .write(&fx.dir);
+    fx.run(&["check"]).await.assert_code(0);
+    let access = fx.server.current_access_token().unwrap();
+    let access = access.as_str();
+    let calls = (fx.server.calls(), other.calls());
+
+    // Which key opens the store: `token demo` opens every row first.
+    let opens_with = |index: usize| {
+        let (fx, keys) = (&fx, &keys);
+        async move {
+            write_key(&fx.dir, "state.key", &keys[index]);
+            let out = fx.run(&["token", "demo"]).await;
+            if out.code == Some(0) {
+                assert_eq!(out.line(), access, "the stored token, not a refresh");
+            }
+            out.code == Some(0)
+        }
+    };
+    let rekey = |from: usize| {
+        write_key(&fx.dir, "state.key", &keys[from]);
+        let config = fx.dir.config_arg();
+        fx.dir.spawn(
+            &["state", "rekey", "--new-key", NEW_KEY_VAR, "-c", &config],
+            &[
+                (NEW_KEY_VAR, keys[1 - from].as_str()),
+                (ConfigBuilder::SECRET_VAR, fx.client_secret.as_str()),
+            ],
+        )
+    };
+
+    let before = rows_text(&db).await;
+    let started = Instant::now();
+    let out = cli::collect(rekey(0), &["state", "rekey"]).await;
+    out.assert_code(0);
+    assert!(out.line().contains("re-sealed 2 entries"), "{}", out.line());
+    let whole = started.elapsed();
+    assert_ne!(rows_text(&db).await, before, "every row re-sealed");
+    let mut current = 1;
+    for _ in 0..20 {
+        let mut child = rekey(current);
+        tokio::time::sleep(whole.mul_f64(rand::random::<f64>())).await; // the kill point
+        child.start_kill().unwrap();
+        child.wait().await.unwrap();
+        let (old, new) = (opens_with(current).await, opens_with(1 - current).await);
+        assert!(
+            old != new,
+            "exactly one key opens every row (old {old}, new {new})"
+        );
+        if new {
+            current = 1 - current;
+        }
+    }
+    assert_eq!(
+        (fx.server.calls(), other.calls()),
+        calls,
+        "no refresh at all"
+    );
 }
