@@ -150,14 +150,21 @@ pub fn parse(
 }
 
 /// Whether the value at dotted key path `key` is a secret: a client secret,
-/// refresh token, password, admin token, the state key, or a header or query
-/// value a route injects (API keys are written there).
+/// refresh token, password, admin or static token, private key or service
+/// account file, the state key, the state URL (it may hold the database
+/// password), or a header or query value a route injects (API keys are written there).
 fn is_secret_key(key: &str) -> bool {
     let leaf = key.rsplit('.').next().unwrap_or(key);
     matches!(
         leaf,
-        "client_secret" | "refresh_token" | "password" | "token"
+        "client_secret"
+            | "refresh_token"
+            | "password"
+            | "token"
+            | "private_key"
+            | "service_account"
     ) || key == "state.key"
+        || key == "state.url"
         || (key.starts_with("routes[") && (key.contains(".headers.") || key.contains(".query.")))
 }
 
@@ -544,6 +551,14 @@ headers = { X-Api-Key = "${MAPS_KEY}" }
                 "STATE_KEY"
             ]
         );
+        // The database URL may carry the password.
+        let config = parse(
+            Path::new("test.toml"),
+            "[state]\nurl = \"${DB_URL}\"\n",
+            &|_| Some("postgres://credproxy:pw@127.0.0.1/credproxy".into()),
+        )
+        .unwrap();
+        assert_eq!(config.secret_vars, ["DB_URL"]);
     }
 
     #[test]
