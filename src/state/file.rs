@@ -336,25 +336,19 @@ mod tests {
         }
     }
 
+    /// Saves `rt-NAME` as NAME's chain the way a refresh does: under its lock.
+    async fn save_under_lock(store: &FileStore, name: &str) {
+        let mut held = store.lock(name).await.unwrap();
+        held.save(&entry(&format!("rt-{name}"))).await.unwrap();
+    }
+
     #[tokio::test]
     async fn save_keeps_other_integrations_and_is_private() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state/tokens.json");
         let store = FileStore::open(&path).unwrap();
-        store
-            .lock("a")
-            .await
-            .unwrap()
-            .save(&entry("rt-a"))
-            .await
-            .unwrap();
-        store
-            .lock("b")
-            .await
-            .unwrap()
-            .save(&entry("rt-b"))
-            .await
-            .unwrap();
+        save_under_lock(&store, "a").await;
+        save_under_lock(&store, "b").await;
         let load = |name| store.load(name);
         assert_eq!(
             load("a")
@@ -393,20 +387,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens.json");
         let store = FileStore::open(&path).unwrap();
-        store
-            .lock("a")
-            .await
-            .unwrap()
-            .save(&entry("rt-a"))
-            .await
-            .unwrap();
-        store
-            .lock("b")
-            .await
-            .unwrap()
-            .save(&entry("rt-b"))
-            .await
-            .unwrap();
+        save_under_lock(&store, "a").await;
+        save_under_lock(&store, "b").await;
         let before = fs::read(&path).unwrap();
         let failed = store
             .update_all(&mut |name, entry| match name {
