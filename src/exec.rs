@@ -121,6 +121,9 @@ fn forward(child: &Child, signal: Signal) {
         return;
     };
     let raw = match signal {
+        // The terminal's Ctrl-C went to its whole foreground group, the child
+        // included: passing it on would deliver it twice.
+        Signal::Interrupt if in_terminal_foreground() => return,
         Signal::Interrupt => RawSignal::INT,
         Signal::Terminate => RawSignal::TERM,
         Signal::Hangup => RawSignal::HUP,
@@ -128,6 +131,15 @@ fn forward(child: &Child, signal: Signal) {
     if let Err(error) = rustix::process::kill_process(pid, raw) {
         tracing::warn!(?signal, %error, "cannot pass the signal on to the command");
     }
+}
+
+/// Whether credproxy (and so its child, which shares its process group) is in
+/// the foreground process group of its controlling terminal.
+fn in_terminal_foreground() -> bool {
+    let Ok(tty) = std::fs::File::open("/dev/tty") else {
+        return false;
+    };
+    rustix::termios::tcgetpgrp(&tty).is_ok_and(|group| group == rustix::process::getpgrp())
 }
 
 /// As a shell reports it: the exit code, or 128 + the signal that killed it.

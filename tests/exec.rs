@@ -374,6 +374,70 @@ async fn sigterm_sigint_and_sighup_reach_the_child() {
     fx.assert_no_temp_files();
 }
 
+/// A child that counts the SIGINTs arriving within a second of the first one.
+const COUNTING_CHILD: &str = r"
+import signal, time
+count = 0
+def on_int(number, frame):
+    global count
+    count += 1
+signal.signal(signal.SIGINT, on_int)
+print('ready', flush=True)
+while count == 0:
+    signal.pause()
+deadline = time.monotonic() + 1
+while time.monotonic() < deadline:
+    time.sleep(0.05)
+print('SIGINT x', count, flush=True)
+";
+
+/// Runs ARGV in the foreground of a new pseudo-terminal (as a shell at a terminal
+/// would), types Ctrl-C once `ready` appears, and prints all the terminal showed.
+const CTRL_C_AT_A_TERMINAL: &str = r"
+import os, pty, sys
+pid, fd = pty.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+shown, typed = b'', False
+while True:
+    try:
+        chunk = os.read(fd, 4096)
+    except OSError:
+        break
+    if not chunk:
+        break
+    shown += chunk
+    if not typed and b'ready' in shown:
+        os.write(fd, b'\x03')
+        typed = True
+sys.stdout.buffer.write(shown)
+sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+";
+
+/// Ctrl-C at a terminal reaches the child once: the terminal signals the whole
+/// foreground group, so exec does not pass its own copy on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_at_a_terminal_reaches_the_child_once() {
+    let fx = Fixture::start().await;
+    let bin = cli::bin();
+    let config = fx.setup.dir.config_arg();
+    let mut args = vec![
+        "-c",
+        CTRL_C_AT_A_TERMINAL,
+        bin.to_str().expect("UTF-8 path"),
+    ];
+    args.extend(["exec", "-c", &config, "python3", "-c", COUNTING_CHILD]);
+    let env: Vec<(&str, &str)> = fx
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let out = cli::run_program("python3", &args, &env).await;
+    out.assert_code(0);
+    assert!(out.stdout.contains("SIGINT x 1"), "{}", out.stdout);
+    fx.assert_no_temp_files();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_child_killed_by_a_forwarded_sigterm_is_143() {
     let fx = Fixture::start().await;
