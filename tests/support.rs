@@ -14,6 +14,7 @@ pub mod grants;
 pub mod pg;
 pub mod prom;
 pub mod proxy;
+pub mod replicas;
 pub mod serve;
 pub mod token;
 pub mod upstream;

@@ -85,12 +85,23 @@ struct State {
     current_access_token: Option<String>,
     /// Every token this server handed out, access and refresh, in order.
     issued: Vec<String>,
+    /// Every access token issued by a successful refresh, and when, in order.
+    issuances: Vec<Issuance>,
     requests: Vec<RecordedRequest>,
     successes: u64,
     invalid_grants: u64,
     grace_redemptions: u64,
     in_flight: u64,
     max_in_flight: u64,
+}
+
+/// One successful refresh: the access token it issued, and when.
+#[derive(Clone, Debug)]
+pub struct Issuance {
+    /// When the server decided the answer (the token is valid from then on; the response
+    /// may be held back after it, see `set_delay`).
+    pub at: Instant,
+    pub access_token: String,
 }
 
 /// A reply before it becomes an HTTP response.
@@ -155,6 +166,7 @@ impl TokenServer {
                 failures: VecDeque::new(),
                 access_tokens: HashMap::new(),
                 issued: Vec::new(),
+                issuances: Vec::new(),
                 current_access_token: None,
                 requests: Vec::new(),
                 successes: 0,
@@ -306,6 +318,11 @@ impl TokenServer {
     /// Every access and refresh token this server issued (not the initial one).
     pub fn issued_tokens(&self) -> Vec<String> {
         self.state().issued.clone()
+    }
+
+    /// Every successful refresh, oldest first, with when it issued its access token.
+    pub fn issuances(&self) -> Vec<Issuance> {
+        self.state().issuances.clone()
     }
 
     pub fn last_request(&self) -> Option<RecordedRequest> {
@@ -495,6 +512,10 @@ impl State {
             .checked_add(Duration::from_secs(self.expires_in))
             .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
         self.access_tokens.insert(access_token.clone(), expires_at);
+        self.issuances.push(Issuance {
+            at: now,
+            access_token: access_token.clone(),
+        });
         self.current_access_token = Some(access_token.clone());
         self.issued.push(access_token.clone());
         self.issued.extend(refresh_token.clone());

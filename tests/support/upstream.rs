@@ -11,8 +11,10 @@
 //! - anything else echoes what the API saw as JSON (method, path, version, tls, headers).
 //!
 //! A request whose `Authorization: Bearer T` names a [`revoke`](TestApi::revoke)d token
-//! gets 401 instead, as a real API answers a token its provider revoked. Every request is
-//! recorded and counted, with awaitable counters so tests never sleep.
+//! gets 401 instead, as a real API answers a token its provider revoked; after
+//! [`require_issued_tokens`](TestApi::require_issued_tokens), so does one without a token
+//! the token endpoint issued and that has not expired. Every request is recorded (with
+//! when it arrived) and counted, with awaitable counters so tests never sleep.
 
 pub mod events;
 pub mod ws;
@@ -62,8 +64,10 @@ pub struct Seen {
     /// Arrived on the HTTPS listener.
     pub tls: bool,
     pub headers: HeaderMap,
-    /// What the API answered (200, or 401 for a revoked token).
+    /// What the API answered (200, or 401 for a revoked or invalid token).
     pub status: StatusCode,
+    /// When the request head arrived.
+    pub at: tokio::time::Instant,
 }
 
 impl Seen {
@@ -74,6 +78,16 @@ impl Seen {
             .iter()
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
             .collect()
+    }
+
+    /// The bearer token the request carried, if any.
+    pub fn bearer(&self) -> Option<&str> {
+        bearer(&self.headers)
+    }
+
+    /// The value of header `name`, if it is text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name)?.to_str().ok()
     }
 }
 
@@ -92,6 +106,8 @@ struct State {
     seen: Vec<Seen>,
     /// The tokens `/ws` accepts.
     issued: Option<Issued>,
+    /// Every endpoint, not only `/ws`, wants a token `issued` vouches for.
+    require_issued: bool,
     /// When each event of `/events/NAME` was sent, by NAME.
     events_sent: HashMap<String, Vec<tokio::time::Instant>>,
 }
@@ -199,6 +215,13 @@ impl TestApi {
         self.state().issued = None;
     }
 
+    /// From now on every endpoint, like `/ws`, answers 401 to a request without a token
+    /// that the token endpoint of [`accept_tokens`](Self::accept_tokens) issued and that
+    /// has not expired, as a real API checks every request.
+    pub fn require_issued_tokens(&self) {
+        self.state().require_issued = true;
+    }
+
     /// Lets every request parked on `/gate` (and any later one) answer.
     pub fn open_gate(&self) {
         self.shared.gate.send_replace(true);
@@ -227,7 +250,6 @@ impl TestApi {
         self.state().seen.clone()
     }
 
-    /// The most recent request; panics if there was none.
     /// The last `n` requests' answers and `Authorization` values, oldest first.
     pub fn last_answers(&self, n: usize) -> Vec<(StatusCode, Vec<String>)> {
         let seen = self.seen();
@@ -237,6 +259,12 @@ impl TestApi {
             .collect()
     }
 
+    /// The first request seen that `matches`, if any.
+    pub fn first_seen(&self, matches: impl Fn(&Seen) -> bool) -> Option<Seen> {
+        self.state().seen.iter().find(|s| matches(s)).cloned()
+    }
+
+    /// The most recent request; panics if there was none.
     pub fn last(&self) -> Seen {
         self.state()
             .seen
@@ -352,7 +380,14 @@ async fn handle(
     let upgrade = hyper::upgrade::on(&mut req);
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_owned();
-    let revoked = bearer(&parts.headers).is_some_and(|t| shared.state().revoked.contains(t));
+    let at = tokio::time::Instant::now();
+    let revoked = {
+        let state = shared.state();
+        let token = bearer(&parts.headers);
+        token.is_some_and(|t| state.revoked.contains(t))
+            || (state.require_issued
+                && !token.is_some_and(|t| state.issued.as_ref().is_some_and(|i| i.is_valid(t))))
+    };
     let status = if path == "/ws" {
         let issued = shared.state().issued.clone();
         ws::status(&parts.headers, issued.as_ref())
@@ -369,6 +404,7 @@ async fn handle(
         tls,
         headers: parts.headers.clone(),
         status,
+        at,
     };
     let echo = echo(&seen);
     shared.state().seen.push(seen);
