@@ -149,7 +149,7 @@ async fn three_replicas_refresh_as_one_for_a_minute() {
     let start = Instant::now();
     let end = start + SOAK;
     let proxies: Vec<_> = (0..REPLICAS)
-        .map(|i| replicas.process(i).proxy_addr)
+        .map(|i| replicas.replica(i).proxy_addr)
         .collect();
     let clients: Vec<_> = (0..CLIENTS)
         .map(|id| tokio::spawn(client(id, proxies.clone(), end)))
@@ -352,7 +352,7 @@ async fn three_replicas_refresh_as_one_for_a_minute() {
         max <= PROPAGATION,
         "a forced refresh reached another replica after {max:?} (p50 {p50:?}); bound {PROPAGATION:?}"
     );
-    for exit in replicas.stop().await {
+    for exit in replicas.stop_all().await {
         assert_eq!(exit.code, Some(0), "{}", exit.log);
     }
 }
@@ -421,7 +421,7 @@ async fn a_401_on_a_token_the_store_replaced_rereads_instead_of_refreshing() {
         metrics.get("credproxy_retries_401_total", &[("route", API_HOST)]),
         1.0
     );
-    for exit in replicas.stop().await {
+    for exit in replicas.stop_all().await {
         assert_eq!(exit.code, Some(0), "{}", exit.log);
     }
 }

@@ -51,7 +51,7 @@ impl<'s> Replicas<'s> {
         self.replicas.len()
     }
 
-    pub fn process(&self, i: usize) -> &ProxyProcess {
+    pub fn replica(&self, i: usize) -> &ProxyProcess {
         &self.replicas[i].process
     }
 
@@ -98,7 +98,7 @@ impl<'s> Replicas<'s> {
             assert!(
                 Instant::now() < deadline,
                 "replica {i} did not inject the token within {PROBE_WAIT:?}; its log:\n{}",
-                self.process(i).log()
+                self.replica(i).log()
             );
         }
         let tag = i.to_string();
@@ -139,7 +139,7 @@ impl<'s> Replicas<'s> {
 
     /// Stops every replica (SIGTERM, bounded wait; their logs are checked for leaked
     /// secrets) and returns how each ended.
-    pub async fn stop(self) -> Vec<Exit> {
+    pub async fn stop_all(self) -> Vec<Exit> {
         for replica in &self.replicas {
             replica.process.terminate();
         }
