@@ -432,6 +432,20 @@ impl Integration {
         {
             return outcome.clone();
         }
+        if let Reason::Rejected { generation } = reason
+            && !self.is_static()
+            && self.store.reachable()
+            && self
+                .current
+                .load()
+                .as_ref()
+                .is_some_and(|s| s.generation == generation)
+            && let Some(snapshot) = self.take_newer().await
+        {
+            // Another process replaced the rejected token; this process was not told (yet).
+            // Not a forced refresh: the provider is not asked, so no rate limit applies.
+            return Ok(snapshot);
+        }
         if let Some(outcome) = self.skip(reason, &mut flight) {
             return outcome;
         }
@@ -611,21 +625,27 @@ impl Integration {
         // A refresh of our own in flight ends with its token in the store: wait
         // for it rather than race its publication.
         let _flight = self.flight.lock().await;
+        self.take_newer().await;
+    }
+
+    /// Re-reads the store (without its lock) and publishes the token there if it
+    /// is newer than ours. Never calls the provider. The caller holds the flight
+    /// lock.
+    async fn take_newer(&self) -> Option<Arc<Snapshot>> {
         let stored = match self.store.load(self.name()).await {
             Ok(stored) => stored,
             Err(error) => {
                 tracing::debug!(integration = %self.name(), error = %crate::report::chain(&error), "cannot re-read the state store");
-                return;
+                return None;
             }
         };
         let now = OffsetDateTime::now_utc();
-        if let Ok(Chain {
-            stored: Some(entry),
-            ..
-        }) = self.chain(stored)
-            && self.is_newer(&entry, now)
-        {
-            self.publish(&entry);
+        match self.chain(stored) {
+            Ok(Chain {
+                stored: Some(entry),
+                ..
+            }) if self.is_newer(&entry, now) => Some(self.publish(&entry)),
+            _ => None,
         }
     }
 

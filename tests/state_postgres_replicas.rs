@@ -360,7 +360,9 @@ async fn three_replicas_refresh_as_one_for_a_minute() {
 /// A replica holds an old token while the store already has a newer one it was never told
 /// about (the table's NOTIFY trigger is off, and `credproxy check` refreshed): the API
 /// answers 401 to the old token, and the replica resends with the store's token, without
-/// a refresh of its own.
+/// a refresh of its own — also right after a 401 made it refresh, when the rate limit on
+/// forced refreshes holds (the limit spares the provider; re-reading the store costs it
+/// nothing).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_401_on_a_token_the_store_replaced_rereads_instead_of_refreshing() {
     let setup = Setup::start().await;
@@ -373,8 +375,16 @@ async fn a_401_on_a_token_the_store_replaced_rereads_instead_of_refreshing() {
         setup.tokens.successes() >= 1
     })
     .await;
+    let first = setup.current_token();
+    replicas.wait_until_injects(0, &first).await;
+
+    // A 401 to the current token: one forced refresh, and the rate limit starts.
+    setup.api.revoke(&first);
+    let answer = replicas.get(0, "/revoked").await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    assert_eq!(setup.tokens.successes(), 2);
     let old = setup.current_token();
-    replicas.wait_until_injects(0, &old).await;
+    assert_eq!(setup.api.last().authorization(), [format!("Bearer {old}")]);
 
     db.client()
         .await
@@ -389,7 +399,7 @@ async fn a_401_on_a_token_the_store_replaced_rereads_instead_of_refreshing() {
     out.assert_code(0);
     let new = setup.current_token();
     assert_ne!(new, old);
-    assert_eq!(setup.tokens.successes(), 2);
+    assert_eq!(setup.tokens.successes(), 3);
 
     let answer = replicas.get(0, "/before").await;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
@@ -411,15 +421,14 @@ async fn a_401_on_a_token_the_store_replaced_rereads_instead_of_refreshing() {
         "the resend carried the store's token"
     );
     assert_eq!(
-        setup.tokens.successes(),
-        2,
+        setup.tokens.calls(),
+        3,
         "the replica refreshed instead of re-reading the store"
     );
-    assert_eq!(setup.tokens.calls(), 2);
     let metrics = replicas.admin(0).metrics().await;
     assert_eq!(
         metrics.get("credproxy_retries_401_total", &[("route", API_HOST)]),
-        1.0
+        2.0
     );
     for exit in replicas.stop_all().await {
         assert_eq!(exit.code, Some(0), "{}", exit.log);
