@@ -160,3 +160,52 @@ async fn a_body_over_1_mib_is_not_resent_and_the_401_passes_through() {
     assert_eq!(setup.api.requests(), 2, "a large body is never resent");
     proxy.stop().await;
 }
+
+/// The state file announces nothing, so a running proxy does not learn that another process
+/// (`credproxy check`) refreshed into it. A 401 to its token, right after a 401 made it
+/// refresh (the forced-refresh rate limit holds), re-reads the file and resends with the
+/// token there, without a refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_on_a_token_another_process_replaced_uses_the_state_files_token() {
+    let (setup, proxy, http) = started().await;
+    let first = warm_up(&setup, &http).await;
+    setup.api.revoke(&first);
+    let response = http
+        .get(setup.api_url("/echo"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::OK);
+    let old = setup.current_token();
+
+    let config = setup.config(&ProxyOptions::default());
+    let out = setup
+        .dir
+        .run(&["check", "-c", &setup.dir.config_arg()], &config.env())
+        .await;
+    out.assert_code(0);
+    let new = setup.current_token();
+    assert_ne!(new, old);
+    let refreshes = setup.tokens.successes();
+
+    setup.api.revoke(&old);
+    let response = http
+        .get(setup.api_url("/echo"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "the client must not see the 401"
+    );
+    assert_eq!(
+        setup.api.last_answers(2),
+        [
+            (StatusCode::UNAUTHORIZED, vec![format!("Bearer {old}")]),
+            (StatusCode::OK, vec![format!("Bearer {new}")]),
+        ]
+    );
+    assert_eq!(setup.tokens.successes(), refreshes, "no refresh");
+    proxy.stop().await;
+}
