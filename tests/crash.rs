@@ -2,22 +2,9 @@
 //! point a `credproxy check` dies at, the next process refreshes successfully and the
 //! provider never sees a dead (rotated-away) refresh token.
 
-use std::time::Duration;
-
 use crate::support::cli;
 use crate::support::fixture::Fixture;
-
-#[derive(Clone, Copy, Debug)]
-enum KillPoint {
-    /// The provider has the request (and has already rotated); its answer is held.
-    RequestArrived,
-    /// The provider's answer has gone out: the process is reading it or saving.
-    ResponseSent,
-    /// A random 0–3 ms after the answer went out: parsing, saving, renaming, printing.
-    AfterResponse,
-    /// A random 0–40 ms after start: anywhere from start-up to exit.
-    AfterStart,
-}
+use crate::support::kill::KillPoint;
 
 const POINTS: [KillPoint; 4] = [
     KillPoint::ResponseSent,
@@ -25,10 +12,6 @@ const POINTS: [KillPoint; 4] = [
     KillPoint::AfterStart,
     KillPoint::AfterResponse,
 ];
-
-fn random_ms(max: u64) -> Duration {
-    Duration::from_millis(rand::random::<u64>() % (max + 1))
-}
 
 /// Kills `check` at each point in turn until 20 kills have hit a live process (at most
 /// 60 rounds), running a fresh `check` after every one.
@@ -45,19 +28,11 @@ async fn sigkill_mid_refresh_never_loses_the_rotation() {
         round += 1;
         let point = POINTS[round % POINTS.len()];
         let (calls, responses) = (fx.server.calls(), fx.server.responses());
-        if matches!(point, KillPoint::RequestArrived) {
+        if point.holds_responses() {
             fx.server.hold_responses();
         }
         let mut child = fx.spawn(&args);
-        match point {
-            KillPoint::RequestArrived => fx.server.wait_for_calls(calls + 1).await,
-            KillPoint::ResponseSent => fx.server.wait_for_responses(responses + 1).await,
-            KillPoint::AfterResponse => {
-                fx.server.wait_for_responses(responses + 1).await;
-                tokio::time::sleep(random_ms(3)).await;
-            }
-            KillPoint::AfterStart => tokio::time::sleep(random_ms(40)).await,
-        }
+        point.reach(&fx.server, calls, responses).await;
         // Err only when it has exited already; then it simply finished first.
         let _ = child.start_kill();
         let out = cli::collect(child, &args).await;

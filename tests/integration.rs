@@ -71,4 +71,5 @@ mod upstream_resend;
 mod grants;
 // Issue 10: the PostgreSQL state store, many replicas sharing one grant.
 mod state_postgres;
+mod state_postgres_chaos;
 mod state_postgres_replicas;

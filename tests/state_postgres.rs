@@ -10,14 +10,9 @@ use crate::support::fixture::{Fixture, Seed};
 use crate::support::pg::{self, PgServer, TestDb};
 
 /// Lock requests waiting on an advisory lock in `db` (a refresh lock, or the schema lock).
-async fn lock_waiters(db: &TestDb) -> i64 {
-    let rows = db
-        .query(
-            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
-             WHERE d.datname = current_database() AND l.locktype = 'advisory' AND NOT l.granted",
-        )
-        .await;
-    rows[0].get(0)
+async fn lock_waiters(db: &TestDb) -> usize {
+    let locks = pg::advisory_locks(&db.client().await).await;
+    locks.iter().filter(|lock| !lock.granted).count()
 }
 
 /// The refresh token the database holds for `demo`.
@@ -43,7 +38,7 @@ async fn thirty_token_processes_cause_one_refresh() {
     let children: Vec<_> = (0..PROCESSES).map(|_| fx.spawn(&args)).collect();
     fx.server.wait_for_calls(1).await;
     pg::until("the other processes wait on the refresh lock", || async {
-        fx.server.calls() > 1 || lock_waiters(&db).await >= (PROCESSES - 1) as i64
+        fx.server.calls() > 1 || lock_waiters(&db).await >= PROCESSES - 1
     })
     .await;
     fx.server.release_responses();

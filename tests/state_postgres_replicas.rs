@@ -369,8 +369,7 @@ async fn a_401_on_a_token_the_store_replaced_rereads_instead_of_refreshing() {
     let Some(db) = TestDb::create().await else {
         return;
     };
-    let options = ProxyOptions::default();
-    let replicas = Replicas::start(&setup, &db.url, 1, options.clone()).await;
+    let replicas = Replicas::start(&setup, &db.url, 1, ProxyOptions::default()).await;
     wait::until("the first token is issued", || {
         setup.tokens.successes() >= 1
     })
@@ -391,11 +390,7 @@ async fn a_401_on_a_token_the_store_replaced_rereads_instead_of_refreshing() {
         .batch_execute("ALTER TABLE credproxy_tokens DISABLE TRIGGER credproxy_tokens_notify")
         .await
         .expect("disabling the NOTIFY trigger");
-    let config = setup.config(&options.state_url(&db.url));
-    let out = setup
-        .dir
-        .run(&["check", "-c", &setup.dir.config_arg()], &config.env())
-        .await;
+    let out = replicas.run(&["check"]).await;
     out.assert_code(0);
     let new = setup.current_token();
     assert_ne!(new, old);

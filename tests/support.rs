@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod fixture;
 pub mod grants;
+pub mod kill;
 pub mod pg;
 pub mod prom;
 pub mod proxy;

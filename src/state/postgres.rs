@@ -1,15 +1,19 @@
 //! The PostgreSQL store: one row per integration in `credproxy_tokens`, shared
 //! by any number of replicas.
 //!
-//! - Single flight across replicas: a refresh holds a transaction-scoped
-//!   advisory lock on its integration, on a connection of its own. The database
-//!   releases it when the transaction ends or the session dies, so a replica
-//!   killed mid-refresh frees it at once, and there is no TTL a slow refresh
-//!   could outlive. Each integration has its own lock: refreshes of different
-//!   integrations never wait for each other.
-//! - Writes are compare-and-set on a revision read under the lock: if the lock
-//!   was lost (its connection dropped) and someone else wrote meanwhile, the
-//!   write is refused rather than overwriting a newer chain.
+//! - Single flight across replicas: a refresh holds an advisory lock on its
+//!   integration, taken by a session of its own. The database releases it when
+//!   that session ends, so a replica killed mid-refresh frees it at once, and
+//!   there is no TTL a slow refresh could outlive. Each integration has its own
+//!   lock: refreshes of different integrations never wait for each other.
+//! - Writes under the lock travel on the lock's own session. The server handles
+//!   a session's messages in order, so a write the holder sent before dying
+//!   commits before the lock is released (or never): the next holder always
+//!   reads it. (A write on another connection could commit after the next
+//!   holder had read the row and redeemed the old refresh token again.)
+//! - Writes are compare-and-set on a revision read under the lock: if someone
+//!   else wrote meanwhile, the write is refused rather than overwriting a newer
+//!   chain.
 //! - Propagation: a trigger NOTIFYs every change; a listening connection turns
 //!   them into [`Change`]s. After a lost connection it reconnects with backoff,
 //!   LISTENs again and announces [`Change::All`] so everything is re-read.
@@ -386,23 +390,20 @@ impl Inner {
             .await
     }
 
-    /// A dedicated connection inside a transaction holding `integration`'s lock.
+    /// A dedicated connection (session) holding `integration`'s lock.
     async fn take_lock(self: &Arc<Self>, integration: &str) -> Result<PgLock, StateError> {
         let client = self.connect(false, None).await?;
         self.timed(
             "lock",
             STATEMENT_TIMEOUT,
-            client.batch_execute(&format!(
-                "BEGIN; SET LOCAL lock_timeout = '{}s'",
-                LOCK_WAIT.as_secs()
-            )),
+            client.batch_execute(&format!("SET lock_timeout = '{}s'", LOCK_WAIT.as_secs())),
         )
         .await?;
         self.timed(
             "lock",
             LOCK_WAIT + STATEMENT_TIMEOUT,
             client.execute(
-                "SELECT pg_advisory_xact_lock($1)",
+                "SELECT pg_advisory_lock($1)",
                 &[&lock_key("credproxy-lock-v1:", integration)],
             ),
         )
@@ -569,9 +570,9 @@ async fn upsert(
 
 // === impl PgLock ===
 
-/// A held integration lock: an open transaction on a dedicated connection.
-/// Dropping it closes the connection, which ends the transaction and frees
-/// the lock.
+/// A held integration lock: a session-level advisory lock on a dedicated
+/// connection. Dropping it closes the connection, which ends the session and
+/// frees the lock.
 struct PgLock {
     client: Client,
     store: Arc<Inner>,
@@ -581,7 +582,7 @@ struct PgLock {
 }
 
 impl PgLock {
-    /// Reads the entry inside the lock's transaction, remembering its revision.
+    /// Reads the entry on the lock's session, remembering its revision.
     async fn read(&mut self, what: &'static str) -> Result<Option<Entry>, StateError> {
         let sql = format!("SELECT {COLUMNS} FROM credproxy_tokens WHERE integration = $1");
         let row = self
@@ -597,25 +598,29 @@ impl PgLock {
         Ok(entry.map(|(entry, _)| entry))
     }
 
+    /// Commits `entry` on the lock's session (each statement is its own
+    /// transaction there): durable before it is used, and never after the lock
+    /// is gone.
     async fn write(&mut self, entry: &Entry) -> Result<(), StateError> {
-        let integration = self.integration.clone();
-        let expected = self.revision;
-        let entry = entry.clone();
-        // Committed on the shared connection: this transaction must stay open
-        // (it holds the lock), and the write must be durable before it is used.
-        let row = self
+        let result = self
             .store
-            .on_shared("save", move |client| async move {
-                upsert(&client, &integration, &entry, expected).await
-            })
-            .await?;
-        let Some(row) = row else {
-            return Err(StateError::Conflict {
-                store: self.store.describe.clone(),
-                integration: self.integration.clone(),
+            .timed(
+                "save",
+                STATEMENT_TIMEOUT,
+                upsert(&self.client, &self.integration, entry, self.revision),
+            )
+            .await
+            .and_then(|row| {
+                let Some(row) = row else {
+                    return Err(StateError::Conflict {
+                        store: self.store.describe.clone(),
+                        integration: self.integration.clone(),
+                    });
+                };
+                row.try_get(0).map_err(|e| self.store.error("save", e))
             });
-        };
-        self.revision = Some(row.try_get(0).map_err(|e| self.store.error("save", e))?);
+        self.store.observe("save", &result);
+        self.revision = Some(result?);
         Ok(())
     }
 }

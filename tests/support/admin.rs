@@ -71,15 +71,25 @@ impl Admin {
         path: &str,
         bearer: Option<&str>,
     ) -> AdminAnswer {
+        self.try_request_as(method.clone(), path, bearer)
+            .await
+            .unwrap_or_else(|e| panic!("admin {method} {path}: {e}"))
+    }
+
+    /// As [`request_as`](Self::request_as), but an answer that never came (the process
+    /// died) is an error instead of a panic.
+    pub async fn try_request_as(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        bearer: Option<&str>,
+    ) -> Result<AdminAnswer, reqwest::Error> {
         let url = format!("http://{}{path}", self.addr);
         let mut request = self.http.request(method.clone(), &url);
         if let Some(token) = bearer {
             request = request.bearer_auth(token);
         }
-        let response = request
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("admin {method} {path}: {e}"));
+        let response = request.send().await?;
         let headers = response.headers().clone();
         let header = |name: &str| {
             headers
@@ -89,7 +99,7 @@ impl Admin {
         };
         let (content_type, www_authenticate) = (header("content-type"), header("www-authenticate"));
         let status = response.status();
-        let text = response.text().await.expect("reading an admin answer");
+        let text = response.text().await?;
         {
             let mut transcript = self
                 .transcript
@@ -97,13 +107,13 @@ impl Admin {
                 .unwrap_or_else(PoisonError::into_inner);
             transcript.push_str(&format!("{method} {path} -> {status}\n{text}\n"));
         }
-        AdminAnswer {
+        Ok(AdminAnswer {
             status,
             content_type,
             www_authenticate,
             headers,
             text,
-        }
+        })
     }
 
     pub async fn get(&self, path: &str) -> AdminAnswer {
@@ -119,6 +129,13 @@ impl Admin {
     /// `POST /integrations/NAME/refresh`
     pub async fn force_refresh(&self, name: &str) -> AdminAnswer {
         self.post(&format!("/integrations/{name}/refresh")).await
+    }
+
+    /// As [`force_refresh`](Self::force_refresh), for a process that may die meanwhile.
+    pub async fn try_force_refresh(&self, name: &str) -> Result<AdminAnswer, reqwest::Error> {
+        let path = format!("/integrations/{name}/refresh");
+        self.try_request_as(reqwest::Method::POST, &path, self.token.as_deref())
+            .await
     }
 
     /// `name`'s entry in `GET /integrations`.

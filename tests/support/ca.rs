@@ -92,6 +92,21 @@ impl TestCa {
 
     /// Issues a server leaf for `names`; entries that parse as IP addresses become IP SANs.
     pub fn issue(&self, names: &[&str]) -> Leaf {
+        let (cert, key) = self.sign_leaf(names);
+        Leaf {
+            chain: vec![cert.der().clone()],
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        }
+    }
+
+    /// As [`issue`](Self::issue), as PEM: the certificate and its private key, for a
+    /// server configured with files (PostgreSQL's `ssl_cert_file`, `ssl_key_file`).
+    pub fn issue_pem(&self, names: &[&str]) -> (String, String) {
+        let (cert, key) = self.sign_leaf(names);
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn sign_leaf(&self, names: &[&str]) -> (rcgen::Certificate, KeyPair) {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("leaf key");
         let sans: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
         let mut params = CertificateParams::new(sans).expect("leaf params (bad SAN?)");
@@ -102,10 +117,7 @@ impl TestCa {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &self.issuer).expect("signing leaf");
-        Leaf {
-            chain: vec![cert.der().clone()],
-            key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
-        }
+        (cert, key)
     }
 
     /// rustls server config for [`SERVER_NAMES`], ALPN h2 + http/1.1, ring provider only.

@@ -6,7 +6,8 @@
 //! PostgreSQL fails it.
 //!
 //! [`PgServer`] is a throwaway server of a test's own (`initdb` + `postgres` in a temp dir, as
-//! `nobody` when the tests run as root): the one to stop, restart or kill. Never the shared one.
+//! `nobody` when the tests run as root): the one to stop, restart or kill, or to serve TLS
+//! only ([`PgServer::start_tls`]). Never the shared one.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
+use super::ca::TestCa;
 use super::token::WAIT;
 
 const LOCAL_SERVER: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -129,6 +131,42 @@ fn with_database(url: &str, name: &str) -> String {
     parsed.to_string()
 }
 
+/// `url` with the URL parameter `key=value` added, e.g. `application_name=replica-1`, so
+/// that `pg_stat_activity` and [`advisory_locks`] tell the connecting processes apart.
+pub fn with_param(url: &str, key: &str, value: &str) -> String {
+    let mut parsed = url::Url::parse(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+    parsed.query_pairs_mut().append_pair(key, value);
+    parsed.to_string()
+}
+
+/// One advisory lock (a refresh lock or the schema lock) in the connected database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdvisoryLock {
+    /// The holder's (or waiter's) `application_name`.
+    pub application: String,
+    /// Held; `false`: waiting for it.
+    pub granted: bool,
+}
+
+/// The advisory locks held or waited for in `client`'s database, holders first.
+pub async fn advisory_locks(client: &tokio_postgres::Client) -> Vec<AdvisoryLock> {
+    let sql = "SELECT coalesce(a.application_name, ''), l.granted FROM pg_locks l \
+               JOIN pg_database d ON d.oid = l.database \
+               LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+               WHERE d.datname = current_database() AND l.locktype = 'advisory' \
+               ORDER BY l.granted DESC, a.application_name";
+    client
+        .query(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("reading pg_locks: {e}"))
+        .iter()
+        .map(|row| AdvisoryLock {
+            application: row.get(0),
+            granted: row.get(1),
+        })
+        .collect()
+}
+
 /// The server tests share, decided once per test process.
 async fn shared_admin_url() -> Option<String> {
     static DECIDED: OnceLock<Option<String>> = OnceLock::new();
@@ -174,18 +212,42 @@ pub struct PgServer {
     password: Option<String>,
 }
 
+/// How a [`PgServer`] is set up by `initdb` and its config files.
+#[derive(Default)]
+struct Setup<'a> {
+    password: Option<String>,
+    /// `ssl = on` with a leaf from this CA for these names; TCP connections only over TLS.
+    tls: Option<(&'a TestCa, &'a [&'a str])>,
+}
+
 impl PgServer {
     /// initdb + postgres with trust authentication; `None` when the binaries are missing.
     pub async fn start() -> Option<Self> {
-        Self::start_with(None).await
+        Self::start_with(Setup::default()).await
     }
 
     /// As [`start`](Self::start), but `postgres` must log in with `password` (SCRAM).
     pub async fn start_with_password(password: &str) -> Option<Self> {
-        Self::start_with(Some(password.to_owned())).await
+        Self::start_with(Setup {
+            password: Some(password.to_owned()),
+            ..Setup::default()
+        })
+        .await
     }
 
-    async fn start_with(password: Option<String>) -> Option<Self> {
+    /// As [`start`](Self::start), with `ssl = on` and a certificate `ca` issued for `names`;
+    /// `pg_hba.conf` admits TCP connections over TLS only (`hostssl`), as a server that
+    /// requires encryption does.
+    pub async fn start_tls(ca: &TestCa, names: &[&str]) -> Option<Self> {
+        Self::start_with(Setup {
+            tls: Some((ca, names)),
+            ..Setup::default()
+        })
+        .await
+    }
+
+    async fn start_with(setup: Setup<'_>) -> Option<Self> {
+        let Setup { password, tls } = setup;
         let bin = postgres_bin()?;
         let dir = tempfile::Builder::new()
             .prefix("credproxy-pg-")
@@ -230,6 +292,9 @@ impl PgServer {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if let Some((ca, names)) = tls {
+            require_tls(&dir.path().join("data"), ca, names);
+        }
         let port = free_port();
         let mut server = Self {
             dir,
@@ -264,12 +329,20 @@ impl PgServer {
     }
 
     /// Starts the (stopped) server again on the same port and data, and waits until it
-    /// accepts connections.
+    /// accepts connections (on its Unix socket, which needs no TLS).
     pub async fn resume(&mut self) {
         assert!(self.running.is_none(), "the server is already running");
         self.running = Some(self.spawn());
         let deadline = tokio::time::Instant::now() + START_WAIT;
-        while connect(&self.admin_url()).await.is_err() {
+        let mut socket = format!(
+            "host={} port={} user=postgres dbname=postgres",
+            self.dir.path().display(),
+            self.port
+        );
+        if let Some(password) = &self.password {
+            socket.push_str(&format!(" password={password}"));
+        }
+        while connect(&socket).await.is_err() {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "PostgreSQL did not accept connections within {START_WAIT:?}; log:\n{}",
@@ -284,10 +357,11 @@ impl PgServer {
     fn spawn(&self) -> (Child, ChildStdin) {
         let postgres = self.bin.join("postgres");
         let script = format!(
-            "{} -D data -p {} -k . -c listen_addresses=127.0.0.1 -c fsync=off \
+            "{} -D data -p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
              -c max_connections=200 >>log 2>&1 & pid=$!; read _; kill -INT $pid; wait $pid",
             postgres.display(),
-            self.port
+            self.port,
+            self.dir.path().display()
         );
         let mut child = as_server_user(Path::new("sh"))
             .args(["-c", &script])
@@ -306,6 +380,44 @@ impl Drop for PgServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Turns TLS on in the data directory `data` with a leaf from `ca` for `names`, and admits
+/// TCP connections over TLS only (`hostssl`); the Unix socket stays open for `resume`.
+fn require_tls(data: &Path, ca: &TestCa, names: &[&str]) {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+
+    let (cert, key) = ca.issue_pem(names);
+    for (name, pem) in [("server.crt", cert), ("server.key", key)] {
+        let path = data.join(name);
+        std::fs::write(&path, pem).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        // The server refuses a key others can read, or one it does not own.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+        if running_as_root() {
+            let status = Command::new("chown")
+                .arg("nobody")
+                .arg(&path)
+                .status()
+                .expect("running chown");
+            assert!(status.success(), "chown nobody {} failed", path.display());
+        }
+    }
+    let conf = data.join("postgresql.conf");
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&conf)
+        .and_then(|mut file| {
+            file.write_all(b"ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n")
+        })
+        .unwrap_or_else(|e| panic!("appending to {}: {e}", conf.display()));
+    let hba = data.join("pg_hba.conf");
+    std::fs::write(
+        &hba,
+        "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n",
+    )
+    .unwrap_or_else(|e| panic!("writing {}: {e}", hba.display()));
 }
 
 /// The newest installed server's bin directory (Debian: /usr/lib/postgresql/N/bin), or
@@ -347,16 +459,25 @@ fn free_port() -> u16 {
 }
 
 /// Polls `condition` (an async check, e.g. a query) until it holds; panics after [`WAIT`].
-pub async fn until<F, Fut>(what: &str, mut condition: F)
+pub async fn until<F, Fut>(what: &str, condition: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + WAIT;
+    until_within(what, WAIT, condition).await;
+}
+
+/// As [`until`], bounded by `limit` (e.g. a reconnect whose backoff may reach seconds).
+pub async fn until_within<F, Fut>(what: &str, limit: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
     while !condition().await {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting until {what}"
+            "timed out after {limit:?} waiting until {what}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

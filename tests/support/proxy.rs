@@ -722,6 +722,15 @@ impl ProxyProcess {
         }
     }
 
+    /// SIGKILL, as the OOM killer or a node failure ends a process: no clean-up at all.
+    /// Then [`wait`](Self::wait).
+    pub async fn kill(mut self) -> Exit {
+        self.child
+            .start_kill()
+            .unwrap_or_else(|e| panic!("credproxy exited before the kill: {e}"));
+        self.wait().await
+    }
+
     /// SIGTERM, then [`wait`](Self::wait).
     pub async fn stop(self) -> Exit {
         self.terminate();
