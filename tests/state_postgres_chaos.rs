@@ -521,7 +521,8 @@ async fn database_stopped_for_20s_replicas_serve_and_recover() {
 /// certificate), `verify-ca` connects (chain checked, not the name), `verify-full`
 /// connects to `localhost` with the CA trusted through `upstream.extra_ca` and a refresh
 /// goes through the store; `verify-full` to `127.0.0.1` (not the certificate's name), with
-/// another CA, and `disable` each fail with one line naming the store and the cause.
+/// another CA, and `disable` each fail with one line naming the store and the cause;
+/// `sslrootcert=FILE` (percent-decoded) names the CA to trust instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sslmode_is_honoured_against_a_tls_only_server() {
     let fx = Fixture::start().await;
@@ -582,4 +583,18 @@ async fn sslmode_is_honoured_against_a_tls_only_server() {
     let line = out.error_line();
     assert!(line.contains(&store("localhost")), "{line}");
     assert!(line.contains("certificate"), "{line}");
+
+    // libpq's `sslrootcert=FILE`: that file's CA is the one trusted.
+    let root = fx.dir.path().join("db ca+.pem");
+    fx.ca.write_pem(&root);
+    let encoded = root.to_str().unwrap().replace(' ', "%20");
+    let out = show(url("localhost", "verify-full") + "&sslrootcert=" + &encoded).await;
+    assert_eq!(out.code, Some(0), "sslrootcert: {}", out.stderr);
+    let out = show(url("localhost", "verify-full") + "&sslrootcert=%2Fno%2Fsuch.pem").await;
+    out.assert_code(2);
+    let line = out.error_line();
+    assert!(
+        line.contains("state.url: sslrootcert /no/such.pem: cannot read"),
+        "{line}"
+    );
 }

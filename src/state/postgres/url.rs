@@ -1,16 +1,19 @@
 //! `[state] url`: a libpq-style `postgres://` URL, and the TLS its `sslmode`
-//! asks for. tokio-postgres parses the URL; `sslmode` is taken out first
-//! because it knows only disable/prefer/require, while libpq users write
-//! `verify-ca` and `verify-full`.
+//! asks for. tokio-postgres parses the URL; `sslmode` and `sslrootcert` are
+//! taken out first because it knows only disable/prefer/require and no root
+//! file, while libpq users write `verify-ca`, `verify-full` and
+//! `sslrootcert=/path/ca.pem`.
 
 use std::fmt;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
-use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
+use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -42,6 +45,9 @@ pub enum SslChoice {
 pub struct DatabaseUrl {
     config: tokio_postgres::Config,
     ssl: SslChoice,
+    /// `sslrootcert=FILE`: the only roots `verify-ca`/`verify-full` trust (libpq's
+    /// meaning); `None`: the system roots + `upstream.extra_ca`.
+    roots: Option<Vec<CertificateDer<'static>>>,
     redacted: String,
     /// The URL as written, to tell whether a reload changed it.
     text: Secret,
@@ -56,9 +62,20 @@ impl DatabaseUrl {
         }
         let (base, query) = text.split_once('?').unwrap_or((text, ""));
         let mut ssl = SslChoice::Prefer;
+        let mut roots = None;
         let mut kept = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             match pair.split_once('=') {
+                Some(("sslrootcert", file)) => {
+                    // Percent-decoded, as libpq decodes URL parameters (`+` stays).
+                    let file = percent_encoding::percent_decode_str(file)
+                        .decode_utf8()
+                        .map_err(|_| "sslrootcert is not UTF-8 once percent-decoded")?;
+                    // libpq's `system`: the system's roots, as without the parameter.
+                    if file != "system" {
+                        roots = Some(read_roots(Path::new(&*file))?);
+                    }
+                }
                 Some(("sslmode", mode)) => {
                     ssl = match mode {
                         "disable" => SslChoice::Disable,
@@ -118,6 +135,7 @@ impl DatabaseUrl {
         Ok(Self {
             config,
             ssl,
+            roots,
             redacted,
             text: Secret::new(text),
         })
@@ -132,22 +150,33 @@ impl DatabaseUrl {
     }
 
     /// The TLS connector for this URL's `sslmode`: certificates checked against
-    /// the system roots plus `upstream.extra_ca` for `verify-ca`/`verify-full`.
+    /// the `sslrootcert` file, else the system roots plus `upstream.extra_ca`, for
+    /// `verify-ca`/`verify-full`.
     pub fn tls(&self, upstream: &UpstreamConfig) -> Result<MakeRustlsConnect, TlsError> {
         let provider = tls::provider();
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()?;
+        let roots = || match &self.roots {
+            Some(certs) => {
+                let mut roots = RootCertStore::empty();
+                for cert in certs {
+                    roots.add(cert.clone())?;
+                }
+                Ok(roots)
+            }
+            None => tls::root_store(upstream),
+        };
         let chain = match self.ssl {
             SslChoice::VerifyFull => {
-                return Ok(MakeRustlsConnect::new(tls::client_config(upstream, &[])?));
+                let config = builder
+                    .with_root_certificates(roots()?)
+                    .with_no_client_auth();
+                return Ok(MakeRustlsConnect::new(config));
             }
             SslChoice::VerifyCa => Some(
-                WebPkiServerVerifier::builder_with_provider(
-                    Arc::new(tls::root_store(upstream)?),
-                    provider.clone(),
-                )
-                .build()
-                .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?,
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots()?), provider.clone())
+                    .build()
+                    .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?,
             ),
             SslChoice::Disable | SslChoice::Prefer | SslChoice::Require => None,
         };
@@ -157,6 +186,27 @@ impl DatabaseUrl {
             .with_no_client_auth();
         Ok(MakeRustlsConnect::new(config))
     }
+}
+
+/// The certificates of a `sslrootcert` PEM file; the error is one sentence naming it.
+fn read_roots(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| format!("sslrootcert {}: cannot read: {e}", path.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            format!(
+                "sslrootcert {}: not a PEM certificate file: {e}",
+                path.display()
+            )
+        })?;
+    if certs.is_empty() {
+        return Err(format!(
+            "sslrootcert {} holds no PEM certificate",
+            path.display()
+        ));
+    }
+    Ok(certs)
 }
 
 impl PartialEq for DatabaseUrl {
@@ -263,6 +313,21 @@ mod tests {
         assert!(!format!("{url:?}").contains("pw-SECRET"));
         assert_eq!(url.ssl(), SslChoice::VerifyFull);
         assert_eq!(url.config().get_ssl_mode(), SslMode::Require);
+    }
+
+    #[test]
+    fn sslrootcert_names_a_pem_file() {
+        let url = DatabaseUrl::parse("postgres://app@db/app?sslrootcert=system").unwrap();
+        assert!(url.roots.is_none());
+        let error = DatabaseUrl::parse(
+            "postgres://app:pw-SECRET@db/app?sslmode=verify-full&sslrootcert=%2Fno%2Fsuch.pem",
+        )
+        .unwrap_err();
+        assert!(
+            error.starts_with("sslrootcert /no/such.pem: cannot read: "),
+            "{error}"
+        );
+        assert!(!error.contains("pw-SECRET"), "{error}");
     }
 
     #[test]
