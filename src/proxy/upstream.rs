@@ -115,18 +115,25 @@ impl Upstream {
             )))
         };
         match conn {
-            Leased::Http1 { mut sender, home } => {
-                let request = http1_form(request);
-                let response = tokio::select! {
-                    result = sender.try_send_request(request) => result.map_err(Failed::from)?,
+            Leased::Http1 { sender, home } => {
+                let (result, sender) = tokio::select! {
+                    sent = home.send(sender, http1_form(request)) => sent,
                     () = deadline => return Err(timeout()),
                 };
-                home.release(sender);
+                let response = result.map_err(Failed::from)?;
+                if let Some(sender) = sender {
+                    home.release(sender);
+                }
                 Ok(response.map(crate::body::stream))
             }
             Leased::Http2 { mut sender, stream } => {
+                let sent = sender.try_send_request(request);
+                // Not held while waiting: a request queued as the connection
+                // ends comes back unsent once its last sender is gone (the
+                // pool drops its own then; see `Home::send`).
+                drop(sender);
                 let response = tokio::select! {
-                    result = sender.try_send_request(request) => result.map_err(Failed::from)?,
+                    result = sent => result.map_err(Failed::from)?,
                     () = deadline => return Err(timeout()),
                 };
                 Ok(response.map(|b| body::holding(body::stream(b), stream)))

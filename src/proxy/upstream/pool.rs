@@ -14,9 +14,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use hyper::client::conn::{http1, http2};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{TrySendError, http1, http2};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::Key;
 use super::connection::{self, Connector, Dialed};
@@ -72,6 +75,7 @@ struct IdleConn {
     id: u64,
     sender: http1::SendRequest<ProxyBody>,
     since: Instant,
+    closed: CancellationToken,
 }
 
 /// A connection lent to one request.
@@ -99,6 +103,8 @@ pub enum Leased {
 pub struct Home {
     host: Arc<Host>,
     id: u64,
+    /// Cancelled once the connection's task has ended.
+    closed: CancellationToken,
 }
 
 /// One open stream on a shared h2 connection.
@@ -213,6 +219,7 @@ impl Pool {
         state.failed = None;
         let id = state.next_id;
         state.next_id += 1;
+        let closed = CancellationToken::new();
         let lease = match sender {
             connection::Sender::Http1(sender) => {
                 state.speaks_h2 = Some(false);
@@ -222,6 +229,7 @@ impl Pool {
                         home: Home {
                             host: host.clone(),
                             id,
+                            closed: closed.clone(),
                         },
                     },
                     reused: false,
@@ -249,6 +257,8 @@ impl Pool {
             (host.clone(), self.idle_timeout, self.max_per_host);
         tokio::spawn(async move {
             let _slot = permit;
+            // Declared before `driver`, so dropped after it (and on abort too).
+            let _ended = closed.drop_guard();
             tokio::pin!(driver);
             // Wakes now and then to close the connection once it idled too long.
             let mut tick = tokio::time::interval(idle_timeout / 2);
@@ -294,6 +304,7 @@ impl Host {
                         home: Home {
                             host: self.clone(),
                             id: idle.id,
+                            closed: idle.closed,
                         },
                     },
                     reused: true,
@@ -339,11 +350,12 @@ impl Host {
         }
     }
 
-    fn checkin(&self, id: u64, sender: http1::SendRequest<ProxyBody>) {
+    fn checkin(&self, id: u64, sender: http1::SendRequest<ProxyBody>, closed: CancellationToken) {
         lock(&self.state).idle.push(IdleConn {
             id,
             sender,
             since: Instant::now(),
+            closed,
         });
         self.returned.notify_one();
     }
@@ -410,13 +422,40 @@ impl Http2Conn {
 // === impl Home ===
 
 impl Home {
+    /// Sends `request` and waits for the response head; the sender comes back
+    /// while the connection lives.
+    ///
+    /// A request queued in the very moment the connection's task ends can be
+    /// left in hyper's queue (a tokio channel) by the task's final drain,
+    /// neither sent nor answered until the queue's last sender is dropped
+    /// (tokio-rs/tokio#7714). So once the connection has ended, the sender is
+    /// dropped: such a request then comes back unsent, to be resent.
+    pub async fn send(
+        &self,
+        mut sender: http1::SendRequest<ProxyBody>,
+        request: Request<ProxyBody>,
+    ) -> (
+        Result<Response<Incoming>, TrySendError<Request<ProxyBody>>>,
+        Option<http1::SendRequest<ProxyBody>>,
+    ) {
+        let sent = sender.try_send_request(request);
+        tokio::pin!(sent);
+        tokio::select! {
+            biased;
+            result = &mut sent => return (result, Some(sender)),
+            () = self.closed.cancelled() => {}
+        }
+        drop(sender);
+        (sent.await, None)
+    }
+
     /// Returns the connection to the pool once its response is done (the
     /// upstream may still be sending the body); a connection that closes
     /// instead is dropped.
     pub fn release(self, mut sender: http1::SendRequest<ProxyBody>) {
         tokio::spawn(async move {
             if sender.ready().await.is_ok() {
-                self.host.checkin(self.id, sender);
+                self.host.checkin(self.id, sender, self.closed);
             }
         });
     }
