@@ -252,7 +252,9 @@ impl Output {
 /// drop so a failing test leaves no process behind.
 pub fn command(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut cmd = program_command(bin().as_os_str(), args, env);
-    cmd.current_dir(cwd);
+    // A process group of its own: were the tests run from a terminal, `exec` would
+    // otherwise be in its foreground group and (rightly) not pass a SIGINT on.
+    cmd.current_dir(cwd).process_group(0);
     cmd
 }
 
