@@ -80,8 +80,8 @@ async fn client(id: usize, proxies: Vec<std::net::SocketAddr>, until: Instant) -
     load
 }
 
-/// A forced refresh: on which replica, when its POST was sent and answered, the token it
-/// obtained, and how long each other replica took to serve that token.
+/// A forced refresh: on which replica, when its POST was sent and answered, and how long
+/// each other replica took to serve the token it obtained.
 struct Forced {
     replica: usize,
     sent: Instant,
@@ -123,7 +123,7 @@ fn ms(duration: Duration) -> String {
     format!("{} ms", duration.as_millis())
 }
 
-/// 3 replicas, 8 s tokens, 300 requests/s spread over all of them for 60 s, with a forced
+/// 3 replicas, 8 s tokens, up to 300 requests/s spread over all of them for 60 s, with a forced
 /// refresh on one replica every other token: every request 200 (and every request reached
 /// the API with a valid token); one refresh per expiry across all replicas; no refresh
 /// token presented twice; each forced refresh served by the other replicas within 1 s of
