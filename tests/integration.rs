@@ -65,6 +65,7 @@ mod exec;
 // Issue 11: upstream connections: resends, visible causes, no spinning on EMFILE.
 mod upstream_errors;
 mod upstream_exhausted;
+mod upstream_pool;
 mod upstream_resend;
 
 // Issue 14: grants beyond refresh tokens, and query injection.

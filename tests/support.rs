@@ -15,6 +15,7 @@ pub mod kill;
 pub mod pg;
 pub mod prom;
 pub mod proxy;
+pub mod relay;
 pub mod replicas;
 pub mod serve;
 pub mod token;

@@ -68,9 +68,11 @@ impl Upstream {
         // An HTTP/1.1 connection that sat idle may be closing as a request is
         // written to it: only a request that may be resent rides on one.
         let mut fresh = !failure::idempotent(&outgoing.method);
+        let mut avoid = None;
         loop {
-            let lease = self.pool.checkout(&key, fresh).await?;
+            let lease = self.pool.checkout(&key, fresh, avoid).await?;
             let reused = lease.reused;
+            avoid = Some(lease.id);
             let (error, unsent) = match self.exchange(&key, lease.conn, request).await {
                 Ok(response) => return Ok(response),
                 Err(Failed::Final(error)) => return Err(error),

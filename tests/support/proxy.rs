@@ -187,6 +187,8 @@ pub struct ProxyOptions {
     admin_token: Option<String>,
     /// More `[proxy]` entries: key and TOML value.
     proxy: Vec<(String, String)>,
+    /// More `[upstream]` entries: key and TOML value.
+    upstream: Vec<(String, String)>,
     /// `[limits]` entries: key and TOML value.
     limits: Vec<(String, String)>,
     /// `[[sidecars]]` upstream URLs, each listening on 127.0.0.1:0.
@@ -217,6 +219,7 @@ impl Default for ProxyOptions {
             admin_listen: Some("127.0.0.1:0".to_owned()),
             admin_token: None,
             proxy: Vec::new(),
+            upstream: Vec::new(),
             limits: Vec::new(),
             sidecars: Vec::new(),
             route_host: API_HOST.to_owned(),
@@ -285,6 +288,13 @@ impl ProxyOptions {
     pub fn proxy_key(mut self, key: &str, toml_value: &str) -> Self {
         self.proxy.retain(|(k, _)| k != key);
         self.proxy.push((key.to_owned(), toml_value.to_owned()));
+        self
+    }
+
+    /// `upstream.KEY = VALUE`, the value as TOML (`"4"`, `"\"1s\""`); replaces an earlier one.
+    pub fn upstream_key(mut self, key: &str, toml_value: &str) -> Self {
+        self.upstream.retain(|(k, _)| k != key);
+        self.upstream.push((key.to_owned(), toml_value.to_owned()));
         self
     }
 
@@ -395,6 +405,9 @@ impl ProxyOptions {
             .map(|(target, addr)| format!("{} = {}", s(target), s(&addr.to_string())))
             .collect();
         out.push_str(&format!("resolve = {{ {} }}\n", entries.join(", ")));
+        for (key, value) in &self.upstream {
+            out.push_str(&format!("{key} = {value}\n"));
+        }
         out.push_str(&format!(
             "\n[[routes]]\nhost = {}\nintegration = {}\n",
             s(&self.route_host),

@@ -28,6 +28,13 @@ pub async fn bind(what: &str) -> TcpListener {
 /// connection (parked ones included).
 pub struct ServerTask(JoinHandle<()>);
 
+impl ServerTask {
+    /// Stops `task` on drop.
+    pub fn new(task: JoinHandle<()>) -> Self {
+        Self(task)
+    }
+}
+
 impl Drop for ServerTask {
     fn drop(&mut self) {
         self.0.abort();

@@ -84,3 +84,315 @@ fn source<E: std::error::Error + 'static>(error: &hyper::Error) -> Option<&E> {
     }
     None
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    //! Real hyper errors, from hyper's client on an in-memory connection to a
+    //! hand-written server, so the classification is checked against what
+    //! hyper and h2 actually report.
+
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::{Method, Request, StatusCode};
+    use http_body_util::Empty;
+    use hyper::client::conn::{http1, http2};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    use super::*;
+    use crate::proxy::error::ProxyError;
+    use crate::proxy::upstream::connection::ConnectError;
+    use crate::proxy::upstream::{Key, connect_error, connection_error};
+
+    const POST: Method = Method::POST;
+    const GET: Method = Method::GET;
+
+    /// h2 frame types and error codes (RFC 9113 §6, §7).
+    const HEADERS: u8 = 0x1;
+    const RST_STREAM: u8 = 0x3;
+    const SETTINGS: u8 = 0x4;
+    const GOAWAY: u8 = 0x7;
+    const NO_ERROR: u32 = 0x0;
+    const INTERNAL_ERROR: u32 = 0x2;
+    const REFUSED_STREAM: u32 = 0x7;
+
+    /// What the server does once the first request's HEADERS arrive.
+    #[derive(Clone, Copy)]
+    enum Then {
+        /// RST_STREAM with this code.
+        Reset(u32),
+        /// GOAWAY naming this last stream id, with NO_ERROR.
+        GoAway(u32),
+        /// GOAWAY covering the stream, then hang up without answering.
+        GoAwayAndClose,
+    }
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let length = u32::try_from(payload.len()).unwrap().to_be_bytes();
+        let mut frame = vec![length[1], length[2], length[3], kind, flags];
+        frame.extend(stream.to_be_bytes());
+        frame.extend(payload);
+        frame
+    }
+
+    /// A minimal h2 server: SETTINGS and their ACKs, then `then` on the first stream.
+    async fn h2_server(mut io: DuplexStream, then: Then) {
+        let mut preface = [0; 24];
+        if io.read_exact(&mut preface).await.is_err() {
+            return;
+        }
+        let _ = io.write_all(&frame(SETTINGS, 0, 0, &[])).await;
+        loop {
+            let mut head = [0; 9];
+            if io.read_exact(&mut head).await.is_err() {
+                return;
+            }
+            let length =
+                usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            let mut payload = vec![0; length];
+            if io.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+            let reply = match (head[3], then) {
+                (SETTINGS, _) if head[4] & 0x1 == 0 => frame(SETTINGS, 0x1, 0, &[]),
+                (HEADERS, Then::Reset(code)) => frame(RST_STREAM, 0, stream, &code.to_be_bytes()),
+                (HEADERS, Then::GoAway(last)) => goaway(last),
+                (HEADERS, Then::GoAwayAndClose) => {
+                    let _ = io.write_all(&goaway(stream)).await;
+                    return;
+                }
+                _ => continue,
+            };
+            let _ = io.write_all(&reply).await;
+        }
+    }
+
+    fn goaway(last_stream_id: u32) -> Vec<u8> {
+        let payload = [last_stream_id.to_be_bytes(), NO_ERROR.to_be_bytes()].concat();
+        frame(GOAWAY, 0, 0, &payload)
+    }
+
+    fn request() -> Request<Empty<Bytes>> {
+        Request::get("https://api.test/")
+            .body(Empty::new())
+            .unwrap()
+    }
+
+    /// The error hyper's h2 client reports for a request the server treats with `then`.
+    async fn h2_error(then: Then) -> hyper::Error {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(h2_server(server, then));
+        let (mut sender, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(client))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        sender.send_request(request()).await.unwrap_err()
+    }
+
+    /// The error hyper's HTTP/1.1 client reports when the server reads the request,
+    /// then writes `answer` and hangs up.
+    async fn h1_error(answer: &'static [u8]) -> hyper::Error {
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0; 1];
+                if server.read_exact(&mut byte).await.is_err() {
+                    return;
+                }
+                head.push(byte[0]);
+            }
+            let _ = server.write_all(answer).await;
+        });
+        let (mut sender, connection) = http1::handshake(TokioIo::new(client)).await.unwrap();
+        tokio::spawn(connection);
+        let request = Request::get("/").body(Empty::<Bytes>::new()).unwrap();
+        sender.send_request(request).await.unwrap_err()
+    }
+
+    /// The reason for every (method, reused) combination, in the order
+    /// (POST fresh, POST reused, GET fresh, GET reused).
+    fn reasons(error: &hyper::Error, unsent: bool) -> [Option<RetryReason>; 4] {
+        [(&POST, false), (&POST, true), (&GET, false), (&GET, true)]
+            .map(|(method, reused)| retry_reason(error, unsent, method, reused))
+    }
+
+    #[tokio::test]
+    async fn a_refused_stream_is_resent_whatever_the_method() {
+        let error = h2_error(Then::Reset(REFUSED_STREAM)).await;
+        assert_eq!(
+            reasons(&error, false),
+            [Some(RetryReason::RefusedStream); 4],
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_above_a_goaways_last_stream_id_is_resent_whatever_the_method() {
+        let error = h2_error(Then::GoAway(0)).await;
+        assert_eq!(
+            reasons(&error, false),
+            [Some(RetryReason::GoAway); 4],
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_the_upstream_reset_otherwise_is_not_resent() {
+        let error = h2_error(Then::Reset(INTERNAL_ERROR)).await;
+        assert_eq!(reasons(&error, false), [None; 4], "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn an_h2_connection_lost_after_the_request_resends_only_a_reused_idempotent_one() {
+        let error = h2_error(Then::GoAwayAndClose).await;
+        let again = Some(RetryReason::ClosedBeforeResponse);
+        assert_eq!(
+            reasons(&error, false),
+            [None, None, None, again],
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_http1_connection_closed_before_the_response_resends_only_a_reused_idempotent_one() {
+        let error = h1_error(b"").await;
+        assert!(error.is_incomplete_message(), "{error:?}");
+        let again = Some(RetryReason::ClosedBeforeResponse);
+        assert_eq!(reasons(&error, false), [None, None, None, again]);
+    }
+
+    #[tokio::test]
+    async fn a_malformed_response_is_not_resent() {
+        let error = h1_error(b"HTTP/1.1 abc\r\n\r\n").await;
+        assert!(error.is_parse(), "{error:?}");
+        assert_eq!(reasons(&error, false), [None; 4]);
+    }
+
+    #[tokio::test]
+    async fn a_request_hyper_never_wrote_is_resent_whatever_the_error() {
+        for error in [
+            h1_error(b"").await,
+            h2_error(Then::Reset(INTERNAL_ERROR)).await,
+        ] {
+            assert_eq!(
+                reasons(&error, true),
+                [Some(RetryReason::ClosedBeforeWrite); 4]
+            );
+        }
+    }
+
+    #[test]
+    fn what_was_not_processed_goes_twice_what_may_have_been_once() {
+        for reason in [
+            RetryReason::RefusedStream,
+            RetryReason::GoAway,
+            RetryReason::ClosedBeforeWrite,
+        ] {
+            assert_eq!(
+                [0, 1, 2].map(|n| may_resend(reason, n)),
+                [true, true, false],
+                "{reason:?}"
+            );
+        }
+        let maybe = RetryReason::ClosedBeforeResponse;
+        assert_eq!(
+            [0, 1, 2].map(|n| may_resend(maybe, n)),
+            [true, false, false]
+        );
+    }
+
+    #[test]
+    fn only_get_head_options_put_and_delete_are_idempotent() {
+        let expected = ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"];
+        for method in [
+            "GET", "HEAD", "OPTIONS", "PUT", "DELETE", "POST", "PATCH", "CONNECT", "PURGE",
+        ] {
+            let method = Method::from_bytes(method.as_bytes()).unwrap();
+            assert_eq!(
+                idempotent(&method),
+                expected.contains(&method.as_str()),
+                "{method}"
+            );
+        }
+    }
+
+    fn key() -> Key {
+        Key::of(&"https://api.test/".parse().unwrap()).unwrap()
+    }
+
+    /// Status, code and the cause the warning logs.
+    fn seen(error: &ProxyError) -> (StatusCode, &'static str, String) {
+        (error.status(), error.code(), error.to_string())
+    }
+
+    #[tokio::test]
+    async fn a_send_that_is_not_resent_is_a_502_naming_the_upstream_and_the_cause() {
+        let reset = connection_error(&key(), &h2_error(Then::Reset(INTERNAL_ERROR)).await);
+        let (status, code, cause) = seen(&reset);
+        assert_eq!(
+            (status, code),
+            (StatusCode::BAD_GATEWAY, "upstream_unreachable")
+        );
+        assert_eq!(
+            cause,
+            "api.test:443: http2 error: stream error received: unexpected internal error encountered"
+        );
+        let goaway = connection_error(&key(), &h2_error(Then::GoAway(0)).await);
+        assert_eq!(
+            seen(&goaway).2,
+            "api.test:443: http2 error: connection error received: not a result of an error"
+        );
+        let closed = connection_error(&key(), &h1_error(b"").await);
+        assert_eq!(
+            seen(&closed).2,
+            "api.test:443: connection closed before message completed"
+        );
+    }
+
+    #[test]
+    fn connect_failures_are_a_504_when_they_timed_out_else_a_502() {
+        let io = |kind, text: &str| io::Error::new(kind, text.to_owned());
+        let cases = [
+            (
+                ConnectError::Tcp(io(
+                    io::ErrorKind::ConnectionRefused,
+                    "Connection refused (os error 111)",
+                )),
+                StatusCode::BAD_GATEWAY,
+                "api.test:443: cannot connect: Connection refused (os error 111)",
+            ),
+            (
+                ConnectError::Tcp(io(
+                    io::ErrorKind::TimedOut,
+                    "connecting to 192.0.2.1:443 timed out",
+                )),
+                StatusCode::GATEWAY_TIMEOUT,
+                "api.test:443: cannot connect: connecting to 192.0.2.1:443 timed out",
+            ),
+            (
+                ConnectError::Timeout(Duration::from_secs(10)),
+                StatusCode::GATEWAY_TIMEOUT,
+                "api.test:443: TLS handshake timed out after 10s",
+            ),
+            (
+                ConnectError::Tls(io(
+                    io::ErrorKind::InvalidData,
+                    "invalid peer certificate: UnknownIssuer",
+                )),
+                StatusCode::BAD_GATEWAY,
+                "api.test:443: TLS handshake failed: invalid peer certificate: UnknownIssuer",
+            ),
+        ];
+        for (error, status, cause) in cases {
+            let error = connect_error("api.test:443", &error);
+            assert_eq!(
+                (error.status(), error.to_string().as_str()),
+                (status, cause)
+            );
+        }
+    }
+}

@@ -81,6 +81,8 @@ struct IdleConn {
 /// A connection lent to one request.
 pub struct Lease {
     pub conn: Leased,
+    /// Which connection: a resend avoids the one that failed.
+    pub id: u64,
     /// Whether the connection was open before this request asked for it: only
     /// then can its closing be the pool's fault rather than the upstream's answer.
     pub reused: bool,
@@ -136,25 +138,37 @@ impl Pool {
         &self.connector
     }
 
-    /// A connection to `key`: a pooled one when one is free (never an idle
-    /// HTTP/1.1 one when `fresh`), else a new one within the bound, else the
-    /// first to come free.
-    pub async fn checkout(&self, key: &Key, fresh: bool) -> Result<Lease, ProxyError> {
+    /// A connection to `key` other than `avoid`: a pooled one when one is free
+    /// (never an idle HTTP/1.1 one when `fresh`), else a new one within the
+    /// bound, else the first to come free.
+    pub async fn checkout(
+        &self,
+        key: &Key,
+        fresh: bool,
+        avoid: Option<u64>,
+    ) -> Result<Lease, ProxyError> {
         let host = self.host(key);
         let wait = async {
             loop {
-                if let Some(lease) = host.take(fresh, self.idle_timeout) {
+                if let Some(lease) = host.take(fresh, avoid, self.idle_timeout) {
                     return Ok(lease);
                 }
                 if host.speaks_h2() == Some(false) {
-                    let permit = host.free_slot().await;
-                    return self.dial(&host, permit).await;
+                    if fresh {
+                        // At the bound, an idle connection makes room for one
+                        // of this request's own.
+                        host.close_idle_if_full();
+                    }
+                    match host.free_slot().await {
+                        Some(permit) => return self.dial(&host, permit).await,
+                        None => continue,
+                    }
                 }
                 // The upstream may speak h2: one dial at a time, and whoever
                 // waited uses what it opened.
                 let waited_since = Instant::now();
                 let _dialing = host.dialing.lock().await;
-                if let Some(lease) = host.take(fresh, self.idle_timeout) {
+                if let Some(lease) = host.take(fresh, avoid, self.idle_timeout) {
                     return Ok(lease);
                 }
                 if let Some(error) = host.failed_since(waited_since) {
@@ -167,9 +181,12 @@ impl Pool {
                     Ok(permit) => permit,
                     // At the bound: share the least busy h2 connection beyond
                     // its stream limit (h2 queues the stream), or wait.
-                    Err(_) => match host.take_busiest_h2() {
+                    Err(_) => match host.take_busiest_h2(avoid) {
                         Some(lease) => return Ok(lease),
-                        None => host.free_slot().await,
+                        None => match host.free_slot().await {
+                            Some(permit) => permit,
+                            None => continue,
+                        },
                     },
                 };
                 return self.dial(&host, permit).await;
@@ -232,6 +249,7 @@ impl Pool {
                             closed: closed.clone(),
                         },
                     },
+                    id,
                     reused: false,
                 }
             }
@@ -281,14 +299,19 @@ impl Host {
         lock(&self.state).speaks_h2
     }
 
-    /// A pooled connection that can take a request now.
-    fn take(self: &Arc<Self>, fresh: bool, idle_timeout: Duration) -> Option<Lease> {
+    /// A pooled connection other than `avoid` that can take a request now.
+    fn take(
+        self: &Arc<Self>,
+        fresh: bool,
+        avoid: Option<u64>,
+        idle_timeout: Duration,
+    ) -> Option<Lease> {
         let mut state = lock(&self.state);
         state.http2.retain(|conn| !conn.sender.is_closed());
         let shared = state
             .http2
             .iter_mut()
-            .filter(|conn| conn.has_capacity())
+            .filter(|conn| Some(conn.id) != avoid && conn.has_capacity())
             .min_by_key(|conn| conn.in_flight.load(Ordering::Relaxed));
         if let Some(conn) = shared {
             return Some(conn.lend(true));
@@ -307,6 +330,7 @@ impl Host {
                             closed: idle.closed,
                         },
                     },
+                    id: idle.id,
                     reused: true,
                 });
             }
@@ -314,31 +338,37 @@ impl Host {
         None
     }
 
-    fn take_busiest_h2(&self) -> Option<Lease> {
+    fn take_busiest_h2(&self, avoid: Option<u64>) -> Option<Lease> {
         let mut state = lock(&self.state);
         state
             .http2
             .iter_mut()
-            .filter(|conn| !conn.sender.is_closed())
+            .filter(|conn| Some(conn.id) != avoid && !conn.sender.is_closed())
             .min_by_key(|conn| conn.in_flight.load(Ordering::Relaxed))
             .map(|conn| conn.lend(true))
     }
 
-    /// A slot for a new connection, or waits for one; an HTTP/1.1 connection
-    /// coming back idle ends the wait too (the caller then takes it).
-    async fn free_slot(&self) -> OwnedSemaphorePermit {
-        loop {
-            let returned = self.returned.notified();
-            if let Ok(permit) = self.permits.clone().try_acquire_owned() {
-                return permit;
-            }
-            tokio::select! {
-                permit = self.permits.clone().acquire_owned() => {
-                    if let Ok(permit) = permit {
-                        return permit;
-                    }
-                }
-                () = returned => {}
+    /// A slot for a new connection, or waits for one; None when an HTTP/1.1
+    /// connection came back idle first (the caller then takes it, or, wanting
+    /// a connection of its own, closes it to make room).
+    async fn free_slot(&self) -> Option<OwnedSemaphorePermit> {
+        let returned = self.returned.notified();
+        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+            return Some(permit);
+        }
+        tokio::select! {
+            permit = self.permits.clone().acquire_owned() => permit.ok(),
+            () = returned => None,
+        }
+    }
+
+    /// At the bound, closes the least recently used idle HTTP/1.1
+    /// connection: its slot comes free once its task has ended.
+    fn close_idle_if_full(&self) {
+        if self.permits.available_permits() == 0 {
+            let mut state = lock(&self.state);
+            if !state.idle.is_empty() {
+                state.idle.remove(0);
             }
         }
     }
@@ -414,6 +444,7 @@ impl Http2Conn {
                 sender: self.sender.clone(),
                 stream: StreamGuard(self.in_flight.clone()),
             },
+            id: self.id,
             reused,
         }
     }
