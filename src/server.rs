@@ -5,6 +5,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -183,10 +184,11 @@ impl Exhausted {
 
     async fn refuse_one(&mut self, listener: &TcpListener, error: &io::Error) {
         // Free the reserve, take the waiting connection with it, close both.
+        // Only one already waiting: one that arrives later may find
+        // descriptors free again, and must not be dropped.
         self.spare = None;
-        if let Ok(Ok((stream, _))) =
-            tokio::time::timeout(EXHAUSTED_BACKOFF, listener.accept()).await
-        {
+        let waiting = std::future::poll_fn(|cx| Poll::Ready(listener.poll_accept(cx))).await;
+        if let Poll::Ready(Ok((stream, _))) = waiting {
             drop(stream);
             self.refused += 1;
         }
