@@ -344,8 +344,12 @@ impl Proxy {
         slot: Slot,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         match upgrade::asked(&request) {
+            // Boxed, so the (far larger) upgrade future does not size every request's.
             Some(asked) => {
-                upgrade::routed(self, routing, slot, route, target, request, asked).await
+                Box::pin(upgrade::routed(
+                    self, routing, slot, route, target, request, asked,
+                ))
+                .await
             }
             None => forward::routed(&routing.upstream, route, target, request).await,
         }

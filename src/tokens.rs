@@ -410,7 +410,9 @@ impl Integration {
         {
             return Ok(snapshot);
         }
-        tokio::time::timeout(ON_DEMAND_WAIT, self.refresh(Reason::Missing))
+        // Boxed: the refresh future is large, and every request's future
+        // would carry it.
+        tokio::time::timeout(ON_DEMAND_WAIT, Box::pin(self.refresh(Reason::Missing)))
             .await
             .unwrap_or_else(|_| {
                 Err(RefreshError::Timeout(

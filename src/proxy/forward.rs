@@ -16,7 +16,7 @@ use super::upstream::Upstream;
 use crate::body::ProxyBody;
 use crate::config::Route;
 use crate::metrics::RouteMetrics;
-use crate::tokens::Snapshot;
+use crate::tokens::{Integration, Snapshot};
 
 /// Where a routed request goes.
 #[derive(Debug, Clone)]
@@ -100,22 +100,60 @@ pub async fn routed(
     let uri = target.uri(rendered.path(sent.as_ref())?)?;
     let mut outgoing = Outgoing::new(parts.method, uri, parts.headers, body);
 
-    let send = upstream.send(&mut outgoing, &rendered.headers, &route.metrics);
-    let response = timed(route, send).await?;
+    let response = timed(route, || {
+        upstream.send(&mut outgoing, &rendered.headers, &route.metrics)
+    })
+    .await?;
     if response.status() == StatusCode::UNAUTHORIZED
         && outgoing.body.is_replayable()
         && let (Some(integration), Some(snapshot)) = (&injector.integration, &snapshot)
-        && let Some(fresh) = retry::refreshed(route, integration, snapshot).await
     {
-        drop(response);
-        let rendered = injector.rendered(Some(&fresh));
-        // A token in the query changes the URL, too.
-        outgoing.uri = target.uri(rendered.path(sent.as_ref())?)?;
-        let again = upstream.send(&mut outgoing, &rendered.headers, &route.metrics);
-        return Ok(relay(timed(route, again).await?));
+        // Boxed: a refresh and a second send would otherwise make every
+        // request's future (and each copy of it) larger.
+        let resend = Resend {
+            upstream,
+            route,
+            target,
+            sent: sent.as_ref(),
+        };
+        return Box::pin(resend.after_401(integration, snapshot, outgoing, response)).await;
     }
-    // Rate-limited, or the refresh failed: the client sees the API's 401.
     Ok(relay(response))
+}
+
+/// What resending a request after a 401 needs besides the request.
+struct Resend<'a> {
+    upstream: &'a Upstream,
+    route: &'a ActiveRoute,
+    target: &'a Target,
+    /// The request target the client sent.
+    sent: Option<&'a PathAndQuery>,
+}
+
+impl Resend<'_> {
+    /// Forces one (single-flight) refresh of `snapshot`'s token and resends
+    /// with the fresh one; rate-limited, or when the refresh failed, the client
+    /// sees the API's `response`.
+    async fn after_401(
+        self,
+        integration: &Arc<Integration>,
+        snapshot: &Snapshot,
+        mut outgoing: Outgoing,
+        response: Response<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let Some(fresh) = retry::refreshed(self.route, integration, snapshot).await else {
+            return Ok(relay(response));
+        };
+        drop(response);
+        let rendered = self.route.injector.rendered(Some(&fresh));
+        // A token in the query changes the URL, too.
+        outgoing.uri = self.target.uri(rendered.path(self.sent)?)?;
+        let again = timed(self.route, || {
+            self.upstream
+                .send(&mut outgoing, &rendered.headers, &self.route.metrics)
+        });
+        Ok(relay(again.await?))
+    }
 }
 
 /// The route's current token (None for a route without an integration), or
@@ -146,9 +184,11 @@ pub async fn unrouted(
 }
 
 /// Records the time to the response head in the route's latency histogram.
-pub async fn timed<T>(route: &ActiveRoute, send: impl Future<Output = T>) -> T {
+/// Takes a closure, not a future: a future passed in would be held twice in
+/// this one's state (argument and awaited value), and copied between them.
+pub async fn timed<F: Future>(route: &ActiveRoute, send: impl FnOnce() -> F) -> F::Output {
     let start = Instant::now();
-    let result = send.await;
+    let result = send().await;
     route
         .metrics
         .upstream_latency

@@ -163,11 +163,9 @@ pub async fn routed(
     let send = |snapshot: Option<&Snapshot>| {
         let request = head.request(&route.injector.rendered(snapshot));
         async move {
-            forward::timed(
-                route,
-                routing.upgrades.send(&routing.upstream, target, request?),
-            )
-            .await
+            let request = request?;
+            let send = || routing.upgrades.send(&routing.upstream, target, request);
+            forward::timed(route, send).await
         }
     };
     let mut response = send(snapshot.as_deref()).await?;

@@ -160,7 +160,7 @@ impl Pool {
                         host.close_idle_if_full();
                     }
                     match host.free_slot().await {
-                        Some(permit) => return self.dial(&host, permit).await,
+                        Some(permit) => return Box::pin(self.dial(&host, permit)).await,
                         None => continue,
                     }
                 }
@@ -189,7 +189,7 @@ impl Pool {
                         },
                     },
                 };
-                return self.dial(&host, permit).await;
+                return Box::pin(self.dial(&host, permit)).await;
             }
         };
         tokio::time::timeout(self.wait_timeout, wait)
@@ -219,6 +219,8 @@ impl Pool {
     }
 
     /// Opens a connection holding `permit`, registers it, and lends it out.
+    /// Callers box this future: it holds a TCP, TLS and HTTP handshake, some
+    /// 7 KB that every request's future would otherwise carry (and copy).
     async fn dial(
         &self,
         host: &Arc<Host>,
