@@ -63,6 +63,7 @@ pub struct Metrics {
     retries: Family<RouteLabels, Counter>,
     connection_retries: Family<RetryLabels, Counter>,
     pub client_connections: Gauge,
+    pub idle_client_connections: Gauge,
     pub refused_connections: Counter,
     tunnels: Family<KindLabels, Gauge>,
     pub cert_cache: CertCacheMetrics,
@@ -177,6 +178,12 @@ impl Metrics {
             "Open client connections",
             client_connections.clone(),
         );
+        let idle_client_connections = Gauge::default();
+        registry.register(
+            "idle_client_connections",
+            "HTTP/1.1 client connections waiting for their next request with their buffers released",
+            idle_client_connections.clone(),
+        );
         let refused_connections = Counter::default();
         registry.register(
             "refused_connections",
@@ -216,6 +223,7 @@ impl Metrics {
             retries,
             connection_retries,
             client_connections,
+            idle_client_connections,
             refused_connections,
             tunnels,
             cert_cache,

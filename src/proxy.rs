@@ -16,6 +16,7 @@ mod forward;
 mod inject;
 mod mitm;
 mod observe;
+mod park;
 mod prefixed;
 mod retry;
 pub mod sidecar;
@@ -24,15 +25,18 @@ mod upgrade;
 pub mod upstream;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use http::uri::Scheme;
 use http::{Method, Request, Response, header};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -42,6 +46,7 @@ use error::ProxyError;
 use forward::Target;
 use inject::Injector;
 pub use observe::Observed;
+use prefixed::Prefixed;
 use upstream::Upstream;
 
 use crate::body::ProxyBody;
@@ -50,7 +55,7 @@ use crate::config::{Config, Limits, Route, Unrouted, UpstreamConfig};
 use crate::egress::Policy;
 use crate::metrics::{self, Metrics, RouteMetrics};
 use crate::routes::{self, RouteTable};
-use crate::server::{self, Shutdown, Slot};
+use crate::server::{Shutdown, Slot};
 use crate::tls::TlsError;
 use crate::tokens::Tokens;
 
@@ -219,30 +224,38 @@ impl Proxy {
         peer: SocketAddr,
         slot: Slot,
     ) {
-        let signal = self.shutdown.signal();
-        let builder = self.http1_builder();
-        let service = service_fn(move |request| {
-            let (proxy, slot) = (self.clone(), slot.clone());
-            async move { Ok::<_, Infallible>(proxy.handle(request, peer, slot).await) }
+        let proxy = self.clone();
+        let service = answering(move |request| {
+            let (proxy, slot) = (proxy.clone(), slot.clone());
+            async move { proxy.handle(request, peer, slot).await }
         });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .with_upgrades();
-        if let Err(error) =
-            server::until_shutdown(connection, signal, |c| c.graceful_shutdown()).await
-        {
+        let io = Prefixed::new(Bytes::new(), stream);
+        if let Err(error) = self.serve_http1(io, service).await {
             tracing::debug!(%peer, %error, "client connection closed with an error");
         }
     }
 
-    fn http1_builder(&self) -> hyper::server::conn::http1::Builder {
-        let mut builder = hyper::server::conn::http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.limits.header_read_timeout)
-            .max_buf_size(self.limits.max_header_bytes)
-            .max_headers(self.limits.max_headers);
-        builder
+    /// Serves HTTP/1.1 on a client connection (see `park`).
+    async fn serve_http1<I, S>(&self, io: Prefixed<I>, service: S) -> Result<(), hyper::Error>
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: hyper::service::Service<
+                Request<Incoming>,
+                Response = Response<Observed>,
+                Error = Infallible,
+                Future = Answer,
+            > + Unpin
+            + Send
+            + 'static,
+    {
+        park::serve(
+            io,
+            service,
+            &self.limits,
+            self.shutdown.signal(),
+            &self.metrics.idle_client_connections,
+        )
+        .await
     }
 
     async fn handle(
@@ -389,6 +402,31 @@ impl Proxy {
         );
         Observed::new(response, line)
     }
+}
+
+/// The future answering one request on a client connection.
+type Answer = Pin<Box<dyn Future<Output = Result<Response<Observed>, Infallible>> + Send>>;
+
+/// A client connection's service: `handle` answers each request, its future
+/// boxed. hyper keeps a slot the size of the service's future for every
+/// connection, idle or not; the whole request path inline is kilobytes, a box
+/// is a pointer, allocated only while a request is in flight.
+fn answering<F, Fut>(
+    handle: F,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Observed>,
+    Error = Infallible,
+    Future = Answer,
+>
+where
+    F: Fn(Request<Incoming>) -> Fut,
+    Fut: Future<Output = Response<Observed>> + Send + 'static,
+{
+    service_fn(move |request| -> Answer {
+        let answer = handle(request);
+        Box::pin(async move { Ok(answer.await) })
+    })
 }
 
 /// Every host a request inside a tunnel names (`:authority`/absolute-form and

@@ -63,6 +63,7 @@ mod sealed_state;
 mod exec;
 
 // Issue 11: upstream connections: resends, visible causes, no spinning on EMFILE.
+mod proxy_idle;
 mod upstream_errors;
 mod upstream_exhausted;
 mod upstream_pool;

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use crate::support::admin::Admin;
 use crate::support::client;
 use crate::support::proxy::{ProxyOptions, ProxyProcess, Setup};
+use crate::support::rlimit;
 use crate::support::token::WAIT;
 
 const REFUSED: &str = "credproxy_refused_connections_total";
@@ -31,17 +32,6 @@ async fn started(options: &ProxyOptions) -> (Setup, ProxyProcess, Admin) {
 async fn stop(proxy: ProxyProcess) {
     let exit = proxy.stop().await;
     assert_eq!(exit.code, Some(0), "credproxy run log:\n{}", exit.log);
-}
-
-/// This process's soft limit on open files (`Max open files` in /proc/self/limits).
-fn open_files_limit() -> u64 {
-    let limits = std::fs::read_to_string("/proc/self/limits").expect("reading /proc/self/limits");
-    limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(3))
-        .and_then(|soft| soft.parse().ok())
-        .unwrap_or(u64::MAX)
 }
 
 /// How a connection the proxy closed ended, from the client's side.
@@ -84,11 +74,7 @@ async fn connections_over_the_limit_are_refused_cleanly_and_the_proxy_keeps_serv
     const MAX: usize = 50;
     const TOTAL: usize = 2_000;
     const EXCESS: usize = TOTAL - MAX;
-    let limit = open_files_limit();
-    assert!(
-        limit >= (TOTAL + 500) as u64,
-        "this test holds {TOTAL} sockets open but `ulimit -n` is {limit}; raise it to run it"
-    );
+    rlimit::raise_open_files((TOTAL + 500) as u64);
     let (_setup, proxy, admin) = started(&ProxyOptions::default().max_connections(MAX)).await;
     let addr = proxy.proxy_addr;
 

@@ -1,7 +1,7 @@
 //! CONNECT to hosts without a route (a blind tunnel, or 403 with `unrouted = "deny"`), and
 //! the binding of credentials to the CONNECT host inside an intercepted tunnel.
 
-use http::StatusCode;
+use http::{StatusCode, Version};
 
 use crate::support::client;
 use crate::support::proxy::{ProxyOptions, Setup};
@@ -173,6 +173,55 @@ async fn plain_http_inside_a_connect_tunnel_is_intercepted_and_sent_upstream_ove
         seen.authorization(),
         [format!("Bearer {}", setup.current_token())]
     );
+    proxy.stop().await;
+}
+
+/// A client that negotiated no protocol (TLS without ALPN, or plain HTTP inside the
+/// tunnel) is served the one it speaks: HTTP/1.1, or h2 with prior knowledge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_alpn_the_first_bytes_choose_http1_or_h2() {
+    let setup = Setup::start().await;
+    let proxy = setup.start_proxy(&ProxyOptions::default()).await;
+    let expected = || [format!("Bearer {}", setup.current_token())];
+    let no_alpn = || setup.credproxy_client_config();
+    let tunnel = |port: u16| async move {
+        client::connect(proxy.proxy_addr, &format!("api.test:{port}"), &[])
+            .await
+            .tunnel()
+    };
+
+    let tls = client::tls(tunnel(443).await, "api.test", no_alpn()).await;
+    let answer = client::send1(
+        &mut client::h1(tls).await,
+        client::get("/echo", "api.test", &[]),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    assert_eq!(answer.version, Version::HTTP_11);
+    assert_eq!(setup.api.last().authorization(), expected());
+
+    let h2_request = || client::get("https://api.test/echo", "", &[]);
+    let tls = client::tls(tunnel(443).await, "api.test", no_alpn()).await;
+    let answer = client::send2(&mut client::h2(tls).await, h2_request()).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    assert_eq!(answer.version, Version::HTTP_2);
+    assert_eq!(setup.api.last().authorization(), expected());
+
+    let answer = client::send2(&mut client::h2(tunnel(80).await).await, {
+        let mut request = h2_request();
+        *request.uri_mut() = http::Uri::from_static("http://api.test/echo");
+        request
+    })
+    .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    assert_eq!(answer.version, Version::HTTP_2);
+    let seen = setup.api.last();
+    assert!(
+        seen.tls,
+        "the credential went upstream in plaintext: {seen:?}"
+    );
+    assert_eq!(seen.authorization(), expected());
+    assert_eq!(setup.api.requests(), 3);
     proxy.stop().await;
 }
 

@@ -17,6 +17,7 @@ pub mod prom;
 pub mod proxy;
 pub mod relay;
 pub mod replicas;
+pub mod rlimit;
 pub mod serve;
 pub mod token;
 pub mod upstream;

@@ -9,6 +9,7 @@ use tokio::net::TcpStream;
 
 use crate::support::client;
 use crate::support::proxy::{ProxyOptions, Setup};
+use crate::support::rlimit;
 use crate::support::wait;
 
 const NOFILE: u64 = 128;
@@ -16,18 +17,6 @@ const ATTEMPTS: usize = 300;
 /// The CPU time credproxy used is measured over this long while exhausted.
 const WINDOW: Duration = Duration::from_secs(2);
 const EXHAUSTED: &str = "out of file descriptors or memory";
-
-/// Sets `pid`'s soft and hard `RLIMIT_NOFILE`.
-pub fn limit_files(pid: u32, limit: u64) {
-    let limit = libc::rlimit {
-        rlim_cur: limit,
-        rlim_max: limit,
-    };
-    let pid = libc::pid_t::try_from(pid).unwrap();
-    // SAFETY: prlimit reads `limit` and writes nothing (null old limit).
-    let result = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &limit, std::ptr::null_mut()) };
-    assert_eq!(result, 0, "prlimit: {}", std::io::Error::last_os_error());
-}
 
 /// User plus system CPU time of `pid`, in clock ticks (fields 14 and 15 of /proc/PID/stat).
 fn cpu_ticks(pid: u32) -> u64 {
@@ -63,7 +52,7 @@ async fn out_of_descriptors_refuses_without_spinning_and_recovers() {
     let setup = Setup::start().await;
     let proxy = setup.spawn_proxy(&ProxyOptions::default()).await;
     let pid = proxy.pid();
-    limit_files(pid, NOFILE);
+    rlimit::limit_open_files(pid, NOFILE);
 
     let episode = std::time::Instant::now();
     let mut held = Vec::new();

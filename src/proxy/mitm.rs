@@ -1,30 +1,32 @@
 //! Interception inside a CONNECT tunnel to a routed host: tell TLS from plain
 //! HTTP by the first byte, terminate TLS with a leaf minted for the CONNECT
-//! host, and serve the requests inside (HTTP/1.1 keep-alive or h2 by ALPN).
+//! host, and serve the requests inside: HTTP/1.1 keep-alive or h2, as ALPN
+//! agreed, or as the first bytes show when there was none.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper::service::service_fn;
+use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio_rustls::TlsAcceptor;
 
 use super::clients::Client;
 use super::forward::Target;
 use super::prefixed::Prefixed;
-use super::{Proxy, Routing};
+use super::{Proxy, Routing, answering};
+use crate::config::Limits;
 use crate::server::{self, Slot};
 
 /// A TLS record starts with content type 22 (handshake).
 const TLS_HANDSHAKE: u8 = 0x16;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// What an h2 client sends first (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// The table, client and route an intercepted tunnel was opened with: every
 /// request inside uses them, whatever a reload changed since.
@@ -80,7 +82,7 @@ async fn intercept<S>(
         let route = &opened.routing.routes[opened.route].config;
         let target = Target::plain(route, host.into(), Some(port));
         let tunnel = Tunnel { port, target, slot };
-        return serve_http(proxy, opened, tunnel, io).await;
+        return serve_http(proxy, opened, tunnel, io, None).await;
     }
     let config = match proxy.leaves.server_config(&host) {
         Ok(config) => config,
@@ -91,25 +93,48 @@ async fn intercept<S>(
     };
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(io)).await {
         Ok(Ok(tls)) => {
+            let alpn = match tls.get_ref().1.alpn_protocol() {
+                Some(b"h2") => Some(Protocol::Http2),
+                Some(_) => Some(Protocol::Http1),
+                None => None,
+            };
             let target = Target::intercepted(host.into(), port);
             let tunnel = Tunnel { port, target, slot };
-            serve_http(proxy, opened, tunnel, tls).await;
+            serve_http(proxy, opened, tunnel, tls, alpn).await;
         }
         Ok(Err(error)) => tracing::debug!(%host, %error, "client TLS handshake failed"),
         Err(_) => tracing::debug!(%host, "client TLS handshake timed out"),
     }
 }
 
-async fn serve_http<S>(proxy: Arc<Proxy>, opened: Intercepted, tunnel: Tunnel, io: S)
-where
+#[derive(Clone, Copy)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// Serves the requests inside a tunnel in `alpn`'s protocol; without one (plain
+/// HTTP, or a TLS client that offered none), in the one its first bytes show.
+async fn serve_http<S>(
+    proxy: Arc<Proxy>,
+    opened: Intercepted,
+    tunnel: Tunnel,
+    io: S,
+    alpn: Option<Protocol>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let signal = proxy.shutdown.signal();
-    let limits = proxy.limits.clone();
+    let (protocol, io) = match alpn {
+        Some(protocol) => (protocol, Prefixed::new(Bytes::new(), io)),
+        None => match tokio::time::timeout(proxy.limits.header_read_timeout, sniff(io)).await {
+            Ok(Ok(sniffed)) => sniffed,
+            _ => return,
+        },
+    };
     let (tunnel, opened) = (Arc::new(tunnel), Arc::new(opened));
     let service = {
         let proxy = proxy.clone();
-        service_fn(move |request| {
+        answering(move |request| {
             let (proxy, opened, tunnel) = (proxy.clone(), opened.clone(), tunnel.clone());
             async move {
                 let Intercepted {
@@ -117,22 +142,33 @@ where
                     client,
                     route,
                 } = &*opened;
-                let response = proxy
+                proxy
                     .intercepted(routing, client, *route, &tunnel, request)
-                    .await;
-                Ok::<_, Infallible>(response)
+                    .await
             }
         })
     };
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let result = match protocol {
+        Protocol::Http1 => proxy.serve_http1(io, service).await,
+        Protocol::Http2 => {
+            let connection =
+                http2_builder(&proxy.limits).serve_connection(TokioIo::new(io), service);
+            // Boxed: an HTTP/1.1 connection need not carry room for an h2 one.
+            let signal = proxy.shutdown.signal();
+            Box::pin(server::until_shutdown(connection, signal, |c| {
+                c.graceful_shutdown();
+            }))
+            .await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(error = %error, "intercepted connection closed with an error");
+    }
+}
+
+fn http2_builder(limits: &Limits) -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes)
-        .max_headers(limits.max_headers);
-    builder
-        .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         // Pings find peers that vanished without closing.
@@ -140,9 +176,27 @@ where
         .keep_alive_timeout(H2_KEEP_ALIVE)
         // RFC 8441: WebSockets over h2 (bridged to HTTP/1.1 upstream).
         .enable_connect_protocol();
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    if let Err(error) = server::until_shutdown(connection, signal, |c| c.graceful_shutdown()).await
-    {
-        tracing::debug!(error = %error, "intercepted connection closed with an error");
+    builder
+}
+
+/// Reads until the bytes read are, or cannot become, the h2 connection preface,
+/// and puts them back in front of `io`.
+async fn sniff<S: AsyncRead + Unpin>(mut io: S) -> std::io::Result<(Protocol, Prefixed<S>)> {
+    let mut read = [0u8; H2_PREFACE.len()];
+    let mut n = 0;
+    while n < read.len() && read[..n] == H2_PREFACE[..n] {
+        match io.read(&mut read[n..]).await? {
+            0 => break,
+            more => n += more,
+        }
     }
+    let protocol = if read[..n] == *H2_PREFACE {
+        Protocol::Http2
+    } else {
+        Protocol::Http1
+    };
+    Ok((
+        protocol,
+        Prefixed::new(Bytes::copy_from_slice(&read[..n]), io),
+    ))
 }

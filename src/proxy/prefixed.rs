@@ -1,5 +1,6 @@
-//! A stream with a few bytes already read from it put back in front, so the
-//! first byte can decide between TLS and plain HTTP inside a tunnel.
+//! A stream with bytes already read from it put back in front: the first byte
+//! that decides between TLS and plain HTTP inside a tunnel, the bytes that show
+//! the h2 preface, the byte a parked connection woke up to.
 
 use std::io;
 use std::pin::Pin;
@@ -17,6 +18,21 @@ impl<S> Prefixed<S> {
     pub fn new(prefix: Bytes, inner: S) -> Self {
         Self { prefix, inner }
     }
+
+    /// The bytes put back and not read again yet.
+    pub fn prefix(&self) -> &Bytes {
+        &self.prefix
+    }
+
+    /// Puts `byte` back in front; only when nothing else is.
+    pub fn unread(self, byte: u8) -> Self {
+        debug_assert!(self.prefix.is_empty());
+        Self::new(Bytes::copy_from_slice(&[byte]), self.inner)
+    }
+
+    pub fn into_parts(self) -> (Bytes, S) {
+        (self.prefix, self.inner)
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
@@ -25,13 +41,20 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
+        if self.prefix.is_empty() {
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let n = self.prefix.len().min(buf.remaining());
+        buf.put_slice(&self.prefix[..n]);
+        self.prefix.advance(n);
+        if self.prefix.is_empty() && buf.remaining() > 0 {
+            // And what has arrived behind it, so the reader sees a whole request
+            // head in one read, not the peeked bytes alone (hyper grows its read
+            // buffer to 16 KiB for good after a short first read). An error here is
+            // dropped: the next read meets the broken connection again.
+            let _ = Pin::new(&mut self.inner).poll_read(cx, buf);
+        }
+        Poll::Ready(Ok(()))
     }
 }
 

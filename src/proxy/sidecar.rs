@@ -3,25 +3,24 @@
 //! Requests get the same injection, 401 retry, metrics and logs as through the
 //! forward proxy, from the route that matches the upstream's host.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::uri::PathAndQuery;
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::Proxy;
 use super::error::ProxyError;
 use super::forward::Target;
 use super::observe::{self, Observed};
+use super::prefixed::Prefixed;
+use super::{Proxy, answering};
 use crate::config::Sidecar;
 use crate::routes;
-use crate::server::{self, Slot};
+use crate::server::Slot;
 
 /// Where one sidecar sends its requests.
 pub struct Upstream {
@@ -62,17 +61,15 @@ pub async fn serve_connection(
     peer: SocketAddr,
     slot: Slot,
 ) {
-    let signal = proxy.shutdown.signal();
-    let builder = proxy.http1_builder();
-    let service = service_fn(move |request| {
-        let (proxy, upstream, slot) = (proxy.clone(), upstream.clone(), slot.clone());
-        async move { Ok::<_, Infallible>(handle(&proxy, &upstream, request, peer, slot).await) }
-    });
-    let connection = builder
-        .serve_connection(TokioIo::new(stream), service)
-        .with_upgrades();
-    if let Err(error) = server::until_shutdown(connection, signal, |c| c.graceful_shutdown()).await
-    {
+    let service = {
+        let proxy = proxy.clone();
+        answering(move |request| {
+            let (proxy, upstream, slot) = (proxy.clone(), upstream.clone(), slot.clone());
+            async move { handle(&proxy, &upstream, request, peer, slot).await }
+        })
+    };
+    let io = Prefixed::new(Bytes::new(), stream);
+    if let Err(error) = proxy.serve_http1(io, service).await {
         tracing::debug!(%peer, %error, "sidecar connection closed with an error");
     }
 }

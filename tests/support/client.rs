@@ -249,6 +249,32 @@ pub async fn send1(
     read(response).await
 }
 
+/// Sends `request` on a fresh HTTP/1.1 connection over `io`, reads the answer, and gives
+/// `io` back between requests (keep-alive): a client holding many idle connections
+/// without an HTTP client's buffers behind each.
+pub async fn send1_keeping<S>(io: S, request: Request<BoxedBody>) -> (Answer, S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = http1::handshake::<_, BoxedBody>(TokioIo::new(io))
+        .await
+        .expect("HTTP/1.1 client handshake");
+    let connection = tokio::spawn(connection.without_shutdown());
+    let answer = send1(&mut sender, request).await;
+    drop(sender);
+    let parts = tokio::time::timeout(CLIENT_TIMEOUT, connection)
+        .await
+        .expect("the client connection did not settle in time")
+        .expect("the client connection task")
+        .expect("the client connection");
+    assert!(
+        parts.read_buf.is_empty(),
+        "the server sent bytes after the response: {:?}",
+        parts.read_buf
+    );
+    (answer, parts.io.into_inner())
+}
+
 /// Sends `request` on an h2 connection and reads the answer.
 pub async fn send2(
     sender: &mut http2::SendRequest<BoxedBody>,

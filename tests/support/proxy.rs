@@ -676,15 +676,24 @@ impl ProxyProcess {
 
     /// The process's peak resident set size (`VmHWM` in /proc/PID/status), in KiB.
     pub fn peak_rss_kib(&self) -> u64 {
+        self.status_kib("VmHWM")
+    }
+
+    /// The process's resident set size now (`VmRSS` in /proc/PID/status), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS")
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
         let path = format!("/proc/{}/status", self.pid());
         let status =
             std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
         status
             .lines()
-            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|rest| rest.trim().strip_suffix("kB"))
             .and_then(|kib| kib.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no VmHWM in {path}:\n{status}"))
+            .unwrap_or_else(|| panic!("no {field} in {path}:\n{status}"))
     }
 
     /// SIGTERM, without waiting.
