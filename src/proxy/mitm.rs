@@ -91,8 +91,13 @@ async fn intercept<S>(
             return;
         }
     };
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(io)).await {
+    // The handshake and then the session boxed: this task lives as long as the
+    // tunnel at the size of its largest state, and an inline session took room
+    // in each future it passed through.
+    let handshake = Box::pin(TlsAcceptor::from(config).accept(io));
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(tls)) => {
+            let tls = Box::new(tls);
             let alpn = match tls.get_ref().1.alpn_protocol() {
                 Some(b"h2") => Some(Protocol::Http2),
                 Some(_) => Some(Protocol::Http1),
