@@ -106,6 +106,24 @@ fn parse_key(text: &str) -> StateKey {
 
 // === round trip ===
 
+/// Three refreshes through the configured (sealed) store, each presenting the refresh
+/// token the previous one stored: `check`, `check` once the token has expired, and
+/// `token` after it expired again, which must read the sealed refresh token to refresh.
+async fn refresh_through_the_store(fx: &Fixture) {
+    fx.run(&["check"]).await.assert_code(0);
+    fx.server.set_expires_in(0);
+    fx.run(&["check"]).await.assert_code(0);
+    fx.server.set_expires_in(3600);
+    let out = fx.run(&["token", "demo"]).await;
+    out.assert_code(0);
+    assert!(fx.server.is_valid_access_token(out.line()));
+    assert_eq!(
+        fx.server.invalid_grant_count(),
+        0,
+        "every refresh presented the latest token"
+    );
+}
+
 /// `keygen` prints a fresh 32-byte key each time; with it as `[state] key` (from a file,
 /// as a Kubernetes secret is mounted), the refresh chain works across processes, the
 /// file holds no token in any form, and expiry and fingerprint stay readable.
@@ -125,19 +143,7 @@ async fn sealed_round_trip_leaves_no_token_in_the_file() {
     let key_path = write_key(&fx.dir, "state.key", &key);
     fx.config().state_line(&key_line(&key_path)).write(&fx.dir);
     fx.run(&["check"]).await.assert_code(0);
-    fx.run(&["check"]).await.assert_code(0);
-    fx.server.set_expires_in(0);
-    fx.run(&["check"]).await.assert_code(0);
-    fx.server.set_expires_in(3600);
-    // The stored token has expired: `token` must read the sealed refresh token to refresh.
-    let out = fx.run(&["token", "demo"]).await;
-    out.assert_code(0);
-    assert!(fx.server.is_valid_access_token(out.line()));
-    assert_eq!(
-        fx.server.invalid_grant_count(),
-        0,
-        "every refresh presented the latest token"
-    );
+    refresh_through_the_store(&fx).await;
 
     let mut secrets = fx.server.issued_tokens();
     assert!(
@@ -573,14 +579,7 @@ async fn sealed_rows_hold_no_token_and_a_wrong_key_changes_nothing() {
         .state_url(&db.url)
         .state_line(&key_line(&key_path));
     builder.write(&fx.dir);
-    fx.run(&["check"]).await.assert_code(0);
-    fx.server.set_expires_in(0);
-    fx.run(&["check"]).await.assert_code(0);
-    fx.server.set_expires_in(3600);
-    let out = fx.run(&["token", "demo"]).await;
-    out.assert_code(0);
-    assert!(fx.server.is_valid_access_token(out.line()));
-    assert_eq!(fx.server.invalid_grant_count(), 0);
+    refresh_through_the_store(&fx).await;
 
     let rows = rows_text(&db).await;
     let mut secrets = fx.server.issued_tokens();

@@ -342,34 +342,26 @@ mod tests {
         held.save(&entry(&format!("rt-{name}"))).await.unwrap();
     }
 
-    #[tokio::test]
-    async fn save_keeps_other_integrations_and_is_private() {
+    /// A store at `relative` in a new temp dir, holding saved chains for `a` and `b`.
+    async fn store_with_a_and_b(relative: &str) -> (tempfile::TempDir, PathBuf, FileStore) {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state/tokens.json");
+        let path = dir.path().join(relative);
         let store = FileStore::open(&path).unwrap();
         save_under_lock(&store, "a").await;
         save_under_lock(&store, "b").await;
-        let load = |name| store.load(name);
-        assert_eq!(
-            load("a")
-                .await
-                .unwrap()
-                .unwrap()
-                .refresh_token
-                .unwrap()
-                .expose(),
-            "rt-a"
-        );
-        assert_eq!(
-            load("b")
-                .await
-                .unwrap()
-                .unwrap()
-                .refresh_token
-                .unwrap()
-                .expose(),
-            "rt-b"
-        );
+        (dir, path, store)
+    }
+
+    async fn stored_refresh_token(store: &FileStore, name: &str) -> String {
+        let entry = store.load(name).await.unwrap().unwrap();
+        entry.refresh_token.unwrap().expose().to_owned()
+    }
+
+    #[tokio::test]
+    async fn save_keeps_other_integrations_and_is_private() {
+        let (_dir, path, store) = store_with_a_and_b("state/tokens.json").await;
+        assert_eq!(stored_refresh_token(&store, "a").await, "rt-a");
+        assert_eq!(stored_refresh_token(&store, "b").await, "rt-b");
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let names: Vec<_> = store
@@ -384,11 +376,7 @@ mod tests {
 
     #[tokio::test]
     async fn update_all_writes_every_entry_or_none() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tokens.json");
-        let store = FileStore::open(&path).unwrap();
-        save_under_lock(&store, "a").await;
-        save_under_lock(&store, "b").await;
+        let (_dir, path, store) = store_with_a_and_b("tokens.json").await;
         let before = fs::read(&path).unwrap();
         let failed = store
             .update_all(&mut |name, entry| match name {
