@@ -43,6 +43,7 @@
 //!   live in.
 //! - `body`: the one HTTP body type every listener and client uses.
 //! - `report`: an error and its causes as one line.
+//! - `log_writer`: the thread that writes log lines to stderr in batches.
 
 pub mod admin;
 pub mod app;
@@ -59,6 +60,7 @@ pub mod error;
 pub mod exec;
 pub mod jws;
 pub mod live;
+pub mod log_writer;
 pub mod metrics;
 pub mod oauth;
 pub mod proxy;

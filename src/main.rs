@@ -11,11 +11,17 @@ use credproxy::error::Error;
 use credproxy::proxy::access_log;
 use credproxy::report;
 use credproxy::signals::{Signal, Signals};
-use credproxy::{app, commands, config, exec};
+use credproxy::{app, commands, config, exec, log_writer};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let logs = init_logging(&cli.command, cli.log_format);
+    let logs = match init_logging(&cli.command, cli.log_format) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("credproxy: cannot start the log writer thread: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -271,10 +277,7 @@ fn try_open_browser(url: &str) {
 /// Lines are written by a background thread: a request never waits for stderr
 /// (a slow pipe or terminal would otherwise stall the proxy). The returned guard
 /// flushes what is queued when `main` ends.
-fn init_logging(
-    command: &Command,
-    format: LogFormat,
-) -> tracing_appender::non_blocking::WorkerGuard {
+fn init_logging(command: &Command, format: LogFormat) -> std::io::Result<log_writer::FlushGuard> {
     let default = match command {
         Command::Run | Command::Demo { .. } => "info",
         // Its stderr is the command's too: only what needs attention.
@@ -288,14 +291,7 @@ fn init_logging(
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    // A bounded queue, and a buffer the thread flushes whenever the queue is
-    // empty: far fewer write syscalls, lines still appear promptly.
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(8192)
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stderr(),
-        ));
+    let (writer, guard) = log_writer::spawn(std::io::stderr())?;
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     // Request lines skip the general-purpose formatter (same bytes); with
     // colours on a terminal they go through it.
@@ -312,5 +308,5 @@ fn init_logging(
         LogFormat::Text => logs.with_ansi(ansi).init(),
         LogFormat::Json => logs.json().init(),
     }
-    guard
+    Ok(guard)
 }

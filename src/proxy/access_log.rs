@@ -15,7 +15,8 @@ use std::time::{Duration, SystemTime};
 
 use http::Method;
 use time::OffsetDateTime;
-use tracing_appender::non_blocking::NonBlocking;
+
+use crate::log_writer::LogWriter;
 
 /// How lines are written: tracing-subscriber's text format without colours, or JSON.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,14 +27,14 @@ pub enum Format {
 
 struct Sink {
     format: Format,
-    writer: NonBlocking,
+    writer: LogWriter,
 }
 
 static SINK: OnceLock<Sink> = OnceLock::new();
 
 /// Request lines are rendered here and written to `writer` (the writer the
 /// tracing subscriber uses, so lines stay in order with the others).
-pub fn install(format: Format, writer: NonBlocking) {
+pub fn install(format: Format, writer: LogWriter) {
     let _ = SINK.set(Sink { format, writer });
 }
 
@@ -68,9 +69,8 @@ impl Fields<'_> {
             Some(sink) => BUFFER.with_borrow_mut(|buffer| {
                 buffer.clear();
                 self.render(sink.format, SystemTime::now(), buffer);
-                // One write is one line for the background writer; a full
-                // queue drops the line, as for every other line.
-                let _ = sink.writer.clone().write_all(buffer);
+                // Queued whole; a full queue drops it, as every other line.
+                sink.writer.append(buffer);
             }),
             None => self.trace(),
         }
