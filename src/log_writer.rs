@@ -160,14 +160,14 @@ fn run(shared: &Shared, mut out: impl Write) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use std::sync::mpsc;
-    use std::time::Instant;
 
     use super::*;
 
-    /// An output that records every write and can be held shut.
+    /// An output that records every write, says when it wrote, and can be held shut.
     #[derive(Clone, Default)]
     struct Recorder {
         batches: Arc<Mutex<Vec<Vec<u8>>>>,
+        wrote: Arc<Condvar>,
         gate: Arc<Mutex<()>>,
     }
 
@@ -175,6 +175,7 @@ mod tests {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
             let _open = self.gate.lock().unwrap();
             self.batches.lock().unwrap().push(buf.to_vec());
+            self.wrote.notify_all();
             Ok(buf.len())
         }
 
@@ -235,12 +236,16 @@ mod tests {
             writer.append(line.as_bytes());
         }
         // Written without the guard being dropped.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while recorder.text().len() < 100_000 {
-            assert!(Instant::now() < deadline, "the lines were not written");
-            std::thread::yield_now();
-        }
-        let batches = recorder.batches.lock().unwrap().len();
+        let (batches, timeout) = recorder
+            .wrote
+            .wait_timeout_while(
+                recorder.batches.lock().unwrap(),
+                Duration::from_secs(10),
+                |batches| batches.iter().map(Vec::len).sum::<usize>() < 100_000,
+            )
+            .unwrap();
+        assert!(!timeout.timed_out(), "the lines were not written");
+        let batches = batches.len();
         // One write per line would be 1,000; a batch waits 20 ms for the rest.
         assert!(batches < 50, "{batches} writes for 1,000 lines");
     }
