@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod fixture;
 pub mod grants;
+pub mod h2_frames;
 pub mod kill;
 pub mod pg;
 pub mod prom;

@@ -2,7 +2,9 @@
 //! is resent once, on a fresh connection, and counted; a burst of first requests to an h2
 //! upstream makes one connection (one TLS and h2 handshake) that carries them all; a
 //! burst of HTTP/1.1 requests never holds more than `upstream.max_connections_per_host`
-//! connections; and a connection unused for `upstream.idle_timeout` is closed.
+//! connections; a connection that said GOAWAY is never lent again, though it stays open
+//! for the streams it still carries; and a connection unused for `upstream.idle_timeout`
+//! is closed.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,6 +20,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::support::admin::Admin;
 use crate::support::client;
+use crate::support::h2_frames;
 use crate::support::proxy::{InProcess, ProxyOptions, Setup};
 use crate::support::relay::Relay;
 use crate::support::serve;
@@ -93,9 +96,8 @@ async fn refusing_upstream(acceptor: TlsAcceptor, seen: Arc<Refusing>) -> std::n
 async fn a_refused_stream_is_resent_once_on_a_fresh_connection_and_counted() {
     let setup = Setup::start().await;
     let seen = Arc::new(Refusing::default());
-    let mut tls = (*setup.ca.server_config_for(&["api.test"])).clone();
-    tls.alpn_protocols = vec![b"h2".to_vec()];
-    let upstream = refusing_upstream(TlsAcceptor::from(Arc::new(tls)), seen.clone()).await;
+    let upstream =
+        refusing_upstream(setup.ca.h2_only_acceptor_for(&["api.test"]), seen.clone()).await;
     let proxy = setup
         .start_proxy(&ProxyOptions::default().resolve("api.test:443", upstream))
         .await;
@@ -127,6 +129,114 @@ async fn a_refused_stream_is_resent_once_on_a_fresh_connection_and_counted() {
             ("closed_before_response", 0.0)
         ]
     );
+    proxy.stop().await;
+}
+
+/// What the scripted upstream saw: per connection (in accept order), the ids of the
+/// streams whose HEADERS arrived.
+#[derive(Default)]
+struct Scripted {
+    streams: Mutex<Vec<Vec<u32>>>,
+}
+
+/// An h2-only TLS upstream written frame by frame, to say GOAWAY as no h2 server
+/// library does on demand: its first connection holds stream 1 unanswered and
+/// answers the next stream with GOAWAY (last stream id 1), staying open for stream
+/// 1; its second refuses every stream; later ones answer every stream 200 "ok".
+async fn scripted_upstream(acceptor: TlsAcceptor, seen: Arc<Scripted>) -> std::net::SocketAddr {
+    let listener = serve::bind("scripted upstream").await;
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let index = {
+                let mut streams = seen.streams.lock().unwrap();
+                streams.push(Vec::new());
+                streams.len() - 1
+            };
+            let (acceptor, seen) = (acceptor.clone(), seen.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                if !h2_frames::accept(&mut tls).await {
+                    return;
+                }
+                while let Some(frame) = h2_frames::read(&mut tls).await {
+                    let reply = if let Some(ack) = frame.ack() {
+                        ack
+                    } else if frame.kind == h2_frames::HEADERS {
+                        let stream = frame.stream;
+                        seen.streams.lock().unwrap()[index].push(stream);
+                        match index {
+                            0 if stream == 1 => continue,
+                            0 => h2_frames::goaway(1),
+                            1 => h2_frames::reset(stream, h2_frames::REFUSED_STREAM),
+                            _ => h2_frames::ok(stream, b"ok"),
+                        }
+                    } else {
+                        continue;
+                    };
+                    if tls.write_all(&reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_said_goaway_is_never_lent_again() {
+    let setup = Setup::start().await;
+    let seen = Arc::new(Scripted::default());
+    let upstream =
+        scripted_upstream(setup.ca.h2_only_acceptor_for(&["api.test"]), seen.clone()).await;
+    let proxy = setup
+        .start_proxy(&ProxyOptions::default().resolve("api.test:443", upstream))
+        .await;
+
+    // A long request keeps the first connection open after its GOAWAY: to hyper it
+    // still looks ready for more streams.
+    let http = client::reqwest_via(proxy.proxy_addr, setup.credproxy_roots());
+    let held = tokio::spawn({
+        let http = http.clone();
+        async move { http.get("https://api.test/held").send().await }
+    });
+    wait::until("the upstream holds the first stream", || {
+        *seen.streams.lock().unwrap() == [vec![1]]
+    })
+    .await;
+
+    // GOAWAY'd on the first connection, refused on a second, the POST needs both its
+    // resends: the second must go to a third connection, not back to the first.
+    let response = http
+        .post("https://api.test/after-goaway")
+        .body("the one post")
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    assert_eq!(
+        (status, response.text().await.unwrap()),
+        (StatusCode::OK, "ok".to_owned())
+    );
+    assert_eq!(
+        *seen.streams.lock().unwrap(),
+        [vec![1, 3], vec![1], vec![1]],
+        "streams per upstream connection"
+    );
+    assert_eq!(
+        resends(&proxy, "api.test").await,
+        [
+            ("refused_stream", 1.0),
+            ("goaway", 1.0),
+            ("closed_before_write", 0.0),
+            ("closed_before_response", 0.0)
+        ]
+    );
+    held.abort();
     proxy.stop().await;
 }
 

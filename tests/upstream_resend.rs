@@ -212,9 +212,7 @@ fn is_post(i: usize) -> bool {
 async fn goaway_and_closed_keep_alive_connections_never_fail_a_request() {
     let setup = Setup::start().await;
     let seen = Arc::new(Seen::default());
-    let mut tls = (*setup.ca.server_config_for(&["api.test"])).clone();
-    tls.alpn_protocols = vec![b"h2".to_vec()];
-    let h2 = goaway_upstream(TlsAcceptor::from(Arc::new(tls)), seen.clone()).await;
+    let h2 = goaway_upstream(setup.ca.h2_only_acceptor_for(&["api.test"]), seen.clone()).await;
     let h1 = closing_upstream(seen.clone()).await;
     let options = ProxyOptions::default()
         .resolve("api.test:443", h2)

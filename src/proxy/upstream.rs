@@ -1,6 +1,6 @@
 //! Requests to the real APIs: the connection pool, the response timeout, and
-//! one resend on a fresh connection when a pooled connection failed in a way
-//! the upstream provably did not process (see `upstream/failure.rs`).
+//! resends on a fresh connection when a pooled connection failed in a way the
+//! upstream provably did not process (see `upstream/failure.rs`).
 //! TCP connections come from a [`Dialer`] (`upstream.resolve`, the egress
 //! policy), tunnels' included.
 
@@ -55,8 +55,9 @@ impl Upstream {
 
     /// Sends `outgoing` with the `injected` headers and waits for the response
     /// head; the body then streams. A failure the upstream provably did not
-    /// process is retried once per `outgoing`, on a fresh connection, and
-    /// counted in `metrics`.
+    /// process is resent on a fresh connection (as `failure::may_resend`
+    /// allows) and counted in `metrics`; the connection it failed on, if it
+    /// takes no more, leaves the pool.
     pub async fn send(
         &self,
         outgoing: &mut Outgoing,
@@ -78,6 +79,9 @@ impl Upstream {
                 Err(Failed::Final(error)) => return Err(error),
                 Err(Failed::Connection { error, unsent }) => (error, unsent),
             };
+            if failure::takes_no_more(&error, unsent.is_some()) {
+                self.pool.retire(&key, lease.id);
+            }
             let reason = failure::retry_reason(&error, unsent.is_some(), &outgoing.method, reused)
                 .filter(|reason| failure::may_resend(*reason, outgoing.connection_resends));
             request = match (reason, unsent) {

@@ -141,6 +141,14 @@ impl TestCa {
         TlsAcceptor::from(self.server_config())
     }
 
+    /// An acceptor for `names` that offers h2 alone: an upstream the proxy must speak
+    /// h2 to.
+    pub fn h2_only_acceptor_for(&self, names: &[&str]) -> TlsAcceptor {
+        let mut config = (*self.server_config_for(names)).clone();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        TlsAcceptor::from(Arc::new(config))
+    }
+
     /// A client config trusting only this CA, for tests that talk to test servers directly.
     pub fn client_config(&self) -> ClientConfig {
         client_config_trusting([self.cert_der()])

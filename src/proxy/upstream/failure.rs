@@ -34,14 +34,25 @@ pub fn retry_reason(
         .then_some(RetryReason::ClosedBeforeResponse)
 }
 
+/// Whether the connection a request failed on takes no more requests: it
+/// said GOAWAY, or closed. An h2 connection that said GOAWAY still looks open
+/// to hyper while other streams finish on it, so the pool would lend it again.
+pub fn takes_no_more(error: &hyper::Error, unsent: bool) -> bool {
+    unsent
+        || source::<h2::Error>(error).is_some_and(h2::Error::is_go_away)
+        || connection_lost(error)
+}
+
 /// Resends after connection failures, per request, at most: the fresh
 /// connection a resend rides on may itself be GOAWAY'd before it takes the
-/// stream (an upstream that rotates connections every few streams), and a
-/// request the upstream never processed may safely go again.
-const MAX_UNPROCESSED_RESENDS: u8 = 2;
+/// stream (an upstream that rotates connections every few streams, under a
+/// crowd of requests that all move to the next connection at once), and a
+/// request the upstream never processed may safely go again. Each resend
+/// rides a connection no earlier try used; Go's HTTP/2 client allows six.
+const MAX_UNPROCESSED_RESENDS: u8 = 3;
 
 /// Whether a request already resent `resends` times may go again for `reason`:
-/// what the upstream provably did not process, up to twice; an idempotent
+/// what the upstream provably did not process, up to three times; an idempotent
 /// request that may have been processed, only as the first resend.
 pub fn may_resend(reason: RetryReason, resends: u8) -> bool {
     match reason {
@@ -85,6 +96,12 @@ fn source<E: std::error::Error + 'static>(error: &hyper::Error) -> Option<&E> {
     None
 }
 
+/// Raw h2 frames, shared with the integration tests' hand-written upstreams.
+#[cfg(test)]
+#[allow(dead_code, clippy::expect_used)]
+#[path = "../../../tests/support/h2_frames.rs"]
+mod h2_frames;
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -101,6 +118,7 @@ mod tests {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
+    use super::h2_frames::{self, HEADERS, INTERNAL_ERROR, REFUSED_STREAM};
     use super::*;
     use crate::proxy::error::ProxyError;
     use crate::proxy::upstream::connection::ConnectError;
@@ -108,15 +126,6 @@ mod tests {
 
     const POST: Method = Method::POST;
     const GET: Method = Method::GET;
-
-    /// h2 frame types and error codes (RFC 9113 §6, §7).
-    const HEADERS: u8 = 0x1;
-    const RST_STREAM: u8 = 0x3;
-    const SETTINGS: u8 = 0x4;
-    const GOAWAY: u8 = 0x7;
-    const NO_ERROR: u32 = 0x0;
-    const INTERNAL_ERROR: u32 = 0x2;
-    const REFUSED_STREAM: u32 = 0x7;
 
     /// What the server does once the first request's HEADERS arrive.
     #[derive(Clone, Copy)]
@@ -129,50 +138,24 @@ mod tests {
         GoAwayAndClose,
     }
 
-    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let length = u32::try_from(payload.len()).unwrap().to_be_bytes();
-        let mut frame = vec![length[1], length[2], length[3], kind, flags];
-        frame.extend(stream.to_be_bytes());
-        frame.extend(payload);
-        frame
-    }
-
     /// A minimal h2 server: SETTINGS and their ACKs, then `then` on the first stream.
     async fn h2_server(mut io: DuplexStream, then: Then) {
-        let mut preface = [0; 24];
-        if io.read_exact(&mut preface).await.is_err() {
+        if !h2_frames::accept(&mut io).await {
             return;
         }
-        let _ = io.write_all(&frame(SETTINGS, 0, 0, &[])).await;
-        loop {
-            let mut head = [0; 9];
-            if io.read_exact(&mut head).await.is_err() {
-                return;
-            }
-            let length =
-                usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
-            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-            let mut payload = vec![0; length];
-            if io.read_exact(&mut payload).await.is_err() {
-                return;
-            }
-            let reply = match (head[3], then) {
-                (SETTINGS, _) if head[4] & 0x1 == 0 => frame(SETTINGS, 0x1, 0, &[]),
-                (HEADERS, Then::Reset(code)) => frame(RST_STREAM, 0, stream, &code.to_be_bytes()),
-                (HEADERS, Then::GoAway(last)) => goaway(last),
-                (HEADERS, Then::GoAwayAndClose) => {
-                    let _ = io.write_all(&goaway(stream)).await;
+        while let Some(frame) = h2_frames::read(&mut io).await {
+            let reply = match (frame.ack(), frame.kind, then) {
+                (Some(ack), _, _) => ack,
+                (None, HEADERS, Then::Reset(code)) => h2_frames::reset(frame.stream, code),
+                (None, HEADERS, Then::GoAway(last)) => h2_frames::goaway(last),
+                (None, HEADERS, Then::GoAwayAndClose) => {
+                    let _ = io.write_all(&h2_frames::goaway(frame.stream)).await;
                     return;
                 }
                 _ => continue,
             };
             let _ = io.write_all(&reply).await;
         }
-    }
-
-    fn goaway(last_stream_id: u32) -> Vec<u8> {
-        let payload = [last_stream_id.to_be_bytes(), NO_ERROR.to_be_bytes()].concat();
-        frame(GOAWAY, 0, 0, &payload)
     }
 
     fn request() -> Request<Empty<Bytes>> {
@@ -286,22 +269,39 @@ mod tests {
     }
 
     #[test]
-    fn what_was_not_processed_goes_twice_what_may_have_been_once() {
+    fn what_was_not_processed_goes_three_times_what_may_have_been_once() {
         for reason in [
             RetryReason::RefusedStream,
             RetryReason::GoAway,
             RetryReason::ClosedBeforeWrite,
         ] {
             assert_eq!(
-                [0, 1, 2].map(|n| may_resend(reason, n)),
-                [true, true, false],
+                [0, 1, 2, 3].map(|n| may_resend(reason, n)),
+                [true, true, true, false],
                 "{reason:?}"
             );
         }
         let maybe = RetryReason::ClosedBeforeResponse;
         assert_eq!(
-            [0, 1, 2].map(|n| may_resend(maybe, n)),
-            [true, false, false]
+            [0, 1, 2, 3].map(|n| may_resend(maybe, n)),
+            [true, false, false, false]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_said_goaway_or_closed_takes_no_more_one_that_reset_a_stream_does() {
+        let refused = h2_error(Then::Reset(REFUSED_STREAM)).await;
+        let reset = h2_error(Then::Reset(INTERNAL_ERROR)).await;
+        let goaway = h2_error(Then::GoAway(0)).await;
+        let lost = h2_error(Then::GoAwayAndClose).await;
+        let closed = h1_error(b"").await;
+        assert_eq!(
+            [&refused, &reset, &goaway, &lost, &closed].map(|e| takes_no_more(e, false)),
+            [false, false, true, true, true]
+        );
+        assert!(
+            takes_no_more(&reset, true),
+            "a request that came back unsent"
         );
     }
 

@@ -6,8 +6,10 @@
 //! Until the first handshake says which protocol an upstream speaks, requests
 //! wait for it instead of each dialling its own connection: with h2, one
 //! connection carries them all. A connection leaves the pool as soon as it
-//! closes (the upstream said GOAWAY, hung up, or stopped answering pings) and
-//! after `upstream.idle_timeout` without requests.
+//! closes (the upstream said GOAWAY, hung up, or stopped answering pings), as
+//! soon as a request failed on it so (an h2 connection that said GOAWAY stays
+//! open for the streams it still carries), and after `upstream.idle_timeout`
+//! without requests.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -200,6 +202,17 @@ impl Pool {
                     key, self.max_per_host, self.wait_timeout
                 )))
             })
+    }
+
+    /// Lends connection `id` to `key` no more (it said GOAWAY or closed);
+    /// streams in flight on it finish.
+    pub fn retire(&self, key: &Key, id: u64) {
+        let host = lock(&self.hosts).get(key).cloned();
+        if let Some(host) = host {
+            let mut state = lock(&host.state);
+            state.http2.retain(|conn| conn.id != id);
+            state.idle.retain(|idle| idle.id != id);
+        }
     }
 
     fn host(&self, key: &Key) -> Arc<Host> {
