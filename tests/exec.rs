@@ -326,9 +326,12 @@ async fn exit_codes_are_the_commands() {
     fx.assert_no_temp_files();
 }
 
+// The children sleep, not `signal.pause()`: a signal landing between Python's check for
+// pending handlers and the pause() call would leave pause() waiting for another one.
+
 /// A child that reports the signal it gets and exits 3.
 const TRAPPING_CHILD: &str = r"
-import signal, sys
+import signal, sys, time
 def stop(number, frame):
     print('got', signal.Signals(number).name, flush=True)
     sys.exit(3)
@@ -336,7 +339,7 @@ for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
     signal.signal(s, stop)
 print('ready', flush=True)
 while True:
-    signal.pause()
+    time.sleep(0.05)
 ";
 
 /// Starts `exec -- ARGS` and waits for the child's `ready` line.
@@ -384,7 +387,7 @@ def on_int(number, frame):
 signal.signal(signal.SIGINT, on_int)
 print('ready', flush=True)
 while count == 0:
-    signal.pause()
+    time.sleep(0.05)
 deadline = time.monotonic() + 1
 while time.monotonic() < deadline:
     time.sleep(0.05)
