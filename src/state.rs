@@ -256,7 +256,12 @@ pub struct StoreInfo {
 
 impl std::fmt::Display for StoreInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} state store {}", self.kind, self.location)
+        // As the CLI's errors name it.
+        let kind = match self.kind {
+            "postgresql" => "PostgreSQL",
+            other => other,
+        };
+        write!(f, "{kind} state store {}", self.location)
     }
 }
 
